@@ -10,6 +10,7 @@ import sys
 
 # name -> (module:function, one-line help). Rooms add their commands here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("train.quickstart:quickstart_main", "the whole pipeline on the bundled corpus (CPU, minutes) -> OUT/report.md"),
     "convert": ("model.cli:convert_main", "import/export Hugging Face Llama-family checkpoints"),
     "pretrain": ("train.cli:pretrain_main", "pretrain a model from a config (resumes from its workdir)"),
     "sweep": ("train.sweep_cli:sweep_main", "run a sweep of pretraining runs (grid / IsoFLOP), results table, ablation report"),

@@ -233,6 +233,29 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
                 frozen_params=_copy(params) if config.reference == "live" else None)
 
 
+def heldout_pair_logps(config: ml_collections.ConfigDict, cfg: ModelConfig, params
+                       ) -> tuple[list[str], np.ndarray]:
+    """(ids, logps[n, 2]): summed log p of the chosen and rejected responses of a preference
+    config's held-out pairs under `params`, tokenized and templated exactly as training sees
+    them (evaluation of any model on the pairs, e.g. before and after DPO)."""
+    encoder = encoder_of(config, cfg)
+    template = get_template(config.data.template)
+    seq_len = config.data.seq_len
+    _, pairs = split_data(config, lambda paths, skipped: preference.load_pairs(
+        paths, encoder, template, seq_len, skipped))
+    if not pairs:
+        raise AlignDataError(f"config.data: no held-out pairs ({config.data.train_path}, "
+                             f"eval_fraction={config.data.eval_fraction})")
+    mesh = make_mesh(config.mesh.to_dict())
+    rules = normalize_rules(config.rules)
+    placed = jax.device_put(params, logical_shardings(
+        param_axes(cfg), jax.eval_shape(lambda: params), mesh, rules))
+    fn = preference.logps_fn(cfg, mesh, rules, config.logits_chunk)
+    rows = preference.item_rows(pairs, seq_len)
+    return [x.id for x in pairs], preference.all_logps(fn, placed, rows, config.data.batch_size,
+                                                       mesh, rules)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward model
 # ---------------------------------------------------------------------------------------------

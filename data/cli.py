@@ -155,9 +155,18 @@ def load_prepare_config(spec: str, strict: bool = False):
     return PrepareConfig(**fields)
 
 
+def prepare_config_from_args(a):
+    """PrepareConfig of `hibari data prepare` arguments: the config file, then the flags."""
+    import dataclasses
+    cfg = load_prepare_config(a.config, a.strict)
+    changes = {k: v for k, v in (("tokenizer_vocab_size", a.vocab_size), ("seq_len", a.seq_len))
+               if v is not None}
+    return dataclasses.replace(cfg, **changes)
+
+
 def cmd_prepare(a):
     """`--config path.py[:arg]`: a file whose `get_config(arg)` returns fields of PrepareConfig."""
-    _run_prepare(load_prepare_config(a.config, a.strict))
+    _run_prepare(prepare_config_from_args(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True,
                    help="path.py[:arg], e.g. configs/data/quickstart.py:runs/data/quickstart (arg: output dir)")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--vocab-size", type=int, help="override the config's tokenizer_vocab_size")
+    p.add_argument("--seq-len", type=int, help="override the config's seq_len")
     p.set_defaults(fn=cmd_prepare)
     return parser
 

@@ -62,6 +62,34 @@ def packed_info(manifest_or_dirs) -> dict:
     return {"seq_len": seq_len, "vocab_size": tok["vocab_size"], "tokenizer_sha256": sha, "sources": rows}
 
 
+def target_counts(manifest_or_dirs, vocab_size: int) -> np.ndarray:
+    """counts[v]: how often token v is a next-token target in the packed rows (the next token
+    of the same non-padding segment, as the training loss counts them)."""
+    shards, _, _ = load_manifests(manifest_or_dirs)
+    counts = np.zeros(vocab_size, np.int64)
+    for path in (p for paths in shards.values() for p in paths):
+        rows = np.load(path, mmap_mode="r")
+        for start in range(0, len(rows), 4096):
+            tokens, seg = rows[start:start + 4096, 0], rows[start:start + 4096, 1]
+            same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+            counts += np.bincount(tokens[:, 1:][same], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def unigram_probs(counts: np.ndarray) -> np.ndarray:
+    """Add-one smoothed unigram distribution from token counts."""
+    smoothed = counts.astype(np.float64) + 1.0
+    return smoothed / smoothed.sum()
+
+
+def unigram_cross_entropy(train, heldout, vocab_size: int) -> float:
+    """Nats per target token on `heldout` rows of the add-one unigram model of `train` rows:
+    the loss of a model that ignores context, the baseline a language model must beat."""
+    held = target_counts(heldout, vocab_size)
+    return float(-(held * np.log(unigram_probs(target_counts(train, vocab_size)))).sum()
+                 / max(held.sum(), 1))
+
+
 class PackedRows:
     """Random access over the rows `[2, seq_len]` of a list of `.npy` shards (memory-mapped,
     opened lazily so the source pickles cheaply into worker processes)."""

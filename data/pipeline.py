@@ -56,17 +56,17 @@ def _filter_shard(path: str, out_path: str, cfg: PrepareConfig, words: list[str]
     return stats
 
 
-def _heldout(doc_id: str, every: int = 20) -> bool:
+def is_heldout(doc_id: str, every: int = 20) -> bool:
     return zlib.crc32(doc_id.encode()) % every == 0
 
 
-def _split_docs(path: str, every: int, heldout: bool):
+def split_docs(path: str, every: int, heldout: bool):
     """The documents of `path` on one side of the held-out split."""
-    return (d for d in read_docs(path) if _heldout(d["id"], every) == heldout)
+    return (d for d in read_docs(path) if is_heldout(d["id"], every) == heldout)
 
 
 def _docs_of_source(path: str, source_field: str, name: str, every: int, heldout: bool):
-    return (d for d in _split_docs(path, every, heldout) if d["meta"].get(source_field, "all") == name)
+    return (d for d in split_docs(path, every, heldout) if d["meta"].get(source_field, "all") == name)
 
 
 SPLITS = ((False, "pack", "packed"), (True, "pack_heldout", "packed-heldout"))  # (held out, report key, dir)
@@ -80,7 +80,7 @@ def _pack_splits(cfg: PrepareConfig, corpus: str) -> dict:
     model = os.path.join(cfg.out, "tokenizer.model")
     names: dict[bool, set] = {False: set(), True: set()}
     for d in read_docs(corpus):
-        names[_heldout(d["id"], cfg.heldout_every)].add(d["meta"].get(cfg.source_field, "all"))
+        names[is_heldout(d["id"], cfg.heldout_every)].add(d["meta"].get(cfg.source_field, "all"))
     report: dict = {"packed_dirs": {}}
     for heldout, key, sub in SPLITS:
         if not names[heldout]:
@@ -125,14 +125,14 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.tokenizer_vocab_size:
         from data.tokenizer import load_tokenizer, tokenizer_report, train_tokenizer
         model = os.path.join(cfg.out, "tokenizer.model")
-        train = _split_docs(corpus, cfg.heldout_every, heldout=False)
+        train = split_docs(corpus, cfg.heldout_every, heldout=False)
         if os.path.exists(model):  # finished by an earlier run
             sp = load_tokenizer(model)
         else:
             sp = train_tokenizer(train, model, vocab_size=cfg.tokenizer_vocab_size,
                                  model_type=cfg.tokenizer_model_type)
         report["tokenizer"] = {"path": model, "heldout": tokenizer_report(
-            sp, (d["text"] for d in _split_docs(corpus, cfg.heldout_every, heldout=True)))}
+            sp, (d["text"] for d in split_docs(corpus, cfg.heldout_every, heldout=True)))}
     if cfg.seq_len:
         report.update(_pack_splits(cfg, corpus))
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -32,6 +31,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from train.config_files import ConfigFileError, apply_overrides, load_python_config
+
 log = logging.getLogger(__name__)
 
 MODES = ("grid", "isoflop")
@@ -43,7 +44,7 @@ STATUS_FILE = "sweep_status.json"
 MEMBER_CONFIG = "member_config.json"
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(ConfigFileError):
     """The sweep config is invalid; the message names the field and what to do."""
 
 
@@ -79,21 +80,6 @@ class Member:
 # ---------------------------------------------------------------------------------------------
 # Loading and validating a sweep config
 # ---------------------------------------------------------------------------------------------
-
-def load_python_config(spec: str) -> ml_collections.ConfigDict:
-    """`path.py[:arg]` -> `get_config(arg)` (path relative to the cwd or the installed repo)."""
-    from train.cli import resolve_config_path
-    try:
-        path, _, arg = resolve_config_path(spec).partition(":")
-    except SystemExit as e:
-        raise SweepConfigError(f"sweep config field base={spec!r}: {e}") from None
-    module_spec = importlib.util.spec_from_file_location(f"_hibari_cfg_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SweepConfigError(f"{path}: no get_config(arg) function")
-    return module.get_config(arg) if arg else module.get_config()
-
 
 def _require(sweep, field: str, check, what: str):
     value = sweep.get(field)
@@ -193,23 +179,6 @@ def choose_steps(raw_steps: float, eval_points: int, tolerance: float) -> tuple[
     return best[1], best[2]
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides, where: str) -> None:
-    """Set nested `overrides` ({"model": {"norm": ...}}) on `config`; every key must exist."""
-    items = overrides.items() if overrides is not None else ()
-    for key, value in items:
-        if key not in config:
-            raise SweepConfigError(f"sweep config field {where}.{key}: the base config has no field "
-                                   f"{key!r} here (fields: {sorted(config.keys())})")
-        if isinstance(value, (dict, ml_collections.ConfigDict)) and \
-                isinstance(config[key], ml_collections.ConfigDict):
-            apply_overrides(config[key], value, f"{where}.{key}")
-            continue
-        try:
-            config[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-        except TypeError as e:
-            raise SweepConfigError(f"sweep config field {where}.{key}={value!r}: {e}") from None
-
-
 def format_number(x: float) -> str:
     """1e13 -> '1e13', 3.2e12 -> '3.2e12', 0.003 -> '0.003': stable, filesystem-safe names."""
     if x >= 1e4:
@@ -229,8 +198,10 @@ def _join_name(*parts: str) -> str:
 def _member_config(base, sweep, variant: str, width: int, lr: float, seed: int):
     """The base config with shared overrides, the variant's switches, the width's shape, lr, seed."""
     config = copy.deepcopy(base)
-    apply_overrides(config, sweep.get("overrides"), "overrides")
-    apply_overrides(config, sweep.variants[variant], f"variants.{variant}")
+    apply_overrides(config, sweep.get("overrides"), "sweep config field overrides",
+                    SweepConfigError)
+    apply_overrides(config, sweep.variants[variant], f"sweep config field variants.{variant}",
+                    SweepConfigError)
     gated = config.model.mlp in ("swiglu", "geglu")
     shape = shape_for_width(width, sweep.aspect, sweep.head_dim, gated, sweep.ff_multiple)
     config.model.update(shape)
@@ -260,7 +231,7 @@ def _counts(config, param_count: str) -> tuple[int, int, int, float]:
 def expand(sweep: ml_collections.ConfigDict) -> tuple[list[Member], list[str]]:
     """All members of a sweep, in a stable order, and notes on members left out (too few steps)."""
     validate_sweep(sweep)
-    base = load_python_config(sweep.base)
+    base = load_python_config(sweep.base, "sweep config field base", SweepConfigError)
     param_count = sweep.get("param_count", "total")
     many = {axis: len(sweep[axis]) > 1 for axis in ("variants", "lrs", "seeds")}
     budgets = list(sweep.budgets) if sweep.mode == "isoflop" else list(sweep.tokens or [None])
