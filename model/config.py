@@ -32,32 +32,32 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # embedding rows (>= the tokenizer's pieces)
     d_model: int = 512
     n_layers: int = 8
     n_heads: int = 8
     n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA
     head_dim: int | None = None  # None = d_model // n_heads
-    d_ff: int = 1408
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
+    d_ff: int = 1408  # MLP hidden width
+    max_seq_len: int = 2048  # longest sequence (learned positions, KV cache)
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    init_std: float = 0.02
+    tie_embeddings: bool = False  # output projection = embedding transposed
+    param_dtype: str = "float32"  # float32 | bfloat16 | float16 (stored parameters)
+    compute_dtype: str = "float32"  # matmul dtype; softmax, norms and losses stay fp32
+    init_std: float = 0.02  # std of the normal initialisation of every matrix
     # Ablation switches.
-    norm: str = "rmsnorm"
-    mlp: str = "swiglu"
-    position: str = "rope"
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | geglu | gelu | relu
+    position: str = "rope"  # rope | learned | sinusoidal | none
     use_bias: bool = False  # biases on every dense layer (original Transformer)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys
     # Implementation choices (no effect on the function computed).
-    attention: str = "xla"
-    scan_layers: bool = True
-    remat: str = "none"
+    attention: str = "xla"  # xla | dot_product | cudnn (GPU flash attention)
+    scan_layers: bool = True  # one nn.scan over layers (fast compiles)
+    remat: str = "none"  # none | full | dots | dots_no_batch | save_attn_out
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from JSON / ml_collections

@@ -274,9 +274,11 @@ def generations_section(plan, record) -> list[Block]:
 
 def commands_section(plan, records) -> list[Block]:
     from train.quickstart import MODELS
-    lines = [plan.command(s) for s in ("data",) + MODELS]
-    if records.get("data"):
-        lines += [plan.eval_command(m) for m in MODELS]
+    lines = [plan.command("data")]
+    if records.get("data"):  # the training commands read the packed shards' seq_len and vocab
+        lines += [plan.command(s) for s in MODELS] + [plan.eval_command(m) for m in MODELS]
+    else:
+        lines.append("# the other commands are listed once the data stage has run")
     return [("h2", SECTIONS[7]),
             ("p", "The quickstart ran these commands' code with these exact arguments; each "
                   "resumes from its directory, and any `--config.FIELD=VALUE` can be changed."),

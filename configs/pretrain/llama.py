@@ -39,8 +39,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     on_accelerator = size in ACCELERATOR_SIZES
     c = ml_collections.ConfigDict()
     c.name = f"llama-{size}"
-    c.seed = 0
-    c.steps = steps
+    c.seed = 0  # fixes the initialisation and the data order
+    c.steps = steps  # optimizer steps (warmup, eval and checkpoint intervals follow it)
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv,
@@ -58,6 +58,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
         lr=3e-3 if not on_accelerator else 3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
         clip_norm=1.0, schedule="cosine", warmup_steps=0,
         min_lr_ratio=0.1, decay_fraction=0.2, decay_embeddings=False))
+    # schedule: cosine | wsd | constant; min_lr_ratio: the floor of the decay; decay_fraction:
+    # wsd's final decay share of the steps; decay_embeddings: weight decay on embeddings/norms
     # Fields derived from `steps` are references, so --config.steps=N rescales them
     # (an explicit override of the field itself wins).
     steps_ref = c.get_ref("steps")
@@ -68,15 +70,15 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
         kind="synthetic", path="", eval_path="", batch_size=batch, seq_len=seq,
         weights=ml_collections.ConfigDict(), worker_count=0))
 
-    c.grad_accum = 1
-    c.z_loss = 0.0
+    c.grad_accum = 1  # micro-batches per step (same global batch, less memory)
+    c.z_loss = 0.0  # weight of the PaLM z-loss, log(Z)^2
     c.logits_chunk = 0  # >0: compute logits in sequence chunks of this size (memory)
     c.nan_policy = "stop"  # stop | skip
 
-    c.log_every = 10
+    c.log_every = 10  # steps between metrics.jsonl / TensorBoard records
     c.eval_every = steps_ref // 5  # also evaluated at the final step
-    c.eval_batches = 4
-    c.checkpoint_every = steps_ref // 5
-    c.keep_checkpoints = 3
-    c.async_checkpoint = True
+    c.eval_batches = 4  # held-out batches per evaluation
+    c.checkpoint_every = steps_ref // 5  # 0 = only the final step
+    c.keep_checkpoints = 3  # newest checkpoints kept
+    c.async_checkpoint = True  # write checkpoints in the background
     return c

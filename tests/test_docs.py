@@ -1,0 +1,69 @@
+"""The commands shown in README.md and docs/ stay valid: every `hibari <command>` exists, its
+config file loads and every `--config.FIELD=VALUE` names a real field of it.
+
+(What they do is exercised by the quickstart and each room's tests.)"""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from hibari import COMMANDS
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
+                "dpo": "configs/dpo/pairs.py", "reward": "configs/reward/pairs.py"}
+
+
+def shown_commands() -> list[tuple[str, str]]:
+    """(doc name, command) for each `hibari ...` line of a fenced code block (continuation
+    lines joined; lines with `...` placeholders left out)."""
+    out = []
+    for doc in DOCS:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            for line in joined.splitlines():
+                line = line.strip()
+                if line.startswith("echo ") and "| hibari " in line:
+                    line = line.split("| ", 1)[1]
+                line = line.split(" | ")[0]
+                if line.startswith("hibari ") and "..." not in line:
+                    out.append((doc.name, line))
+    return out
+
+
+COMMANDS_SHOWN = shown_commands()
+
+
+def test_docs_show_the_main_commands():
+    names = {shlex.split(c, comments=True)[1] for _, c in COMMANDS_SHOWN}
+    assert {"quickstart", "pretrain", "sft", "dpo", "eval", "data", "sweep", "scaling",
+            "convert"} <= names
+
+
+@pytest.mark.parametrize("doc,command", COMMANDS_SHOWN,
+                         ids=[f"{d}:{c[:60]}" for d, c in COMMANDS_SHOWN])
+def test_shown_command_is_valid(doc, command):
+    argv = shlex.split(command, comments=True)[1:]
+    name, rest = argv[0], argv[1:]
+    assert name in COMMANDS, f"{doc}: `hibari {name}` is not a command"
+    if name in RUN_COMMANDS:
+        from train.cli import parse_run_flags
+        rest = [a for a in rest if not a.startswith(("--coordinator", "--num_processes",
+                                                     "--process_id"))]
+        fv = parse_run_flags(name, rest, default_config=RUN_COMMANDS[name])
+        assert fv.config is not None
+    elif "--config" in rest:
+        from train.config_files import load_python_config
+        spec = rest[rest.index("--config") + 1]
+        assert load_python_config(spec) is not None
+    if name == "quickstart":
+        from train.quickstart import load_plan
+        spec = rest[rest.index("--config") + 1] if "--config" in rest else "configs/quickstart.py"
+        load_plan(spec, "unused")
+
+
+def test_config_reference_is_up_to_date():
+    from configs.reference import main
+    assert main(["--check"]) == 0, "run `python -m configs.reference` and commit the result"
