@@ -93,6 +93,19 @@ def test_approach1_recovers_exponents_from_training_curves():
     assert fit.b == pytest.approx(truth["b"], abs=0.03)
 
 
+def test_approach1_refuses_an_envelope_won_by_one_size():
+    """Three sizes whose middle one is lowest at every compute: N_opt cannot be read (a = 0)."""
+    sizes, runs, steps, compute, losses = [], [], [], [], []
+    for n, offset in ((1e6, 0.3), (2e6, 0.0), (4e6, 0.2)):
+        for i, c in enumerate(np.logspace(15, 17, 12)):
+            sizes.append(n), runs.append(f"n{n:g}"), steps.append(i), compute.append(c)
+            losses.append(3.0 + offset + 5.0 * (c / 1e15) ** -0.2)
+    pts = points_from_arrays(np.array(sizes), np.array(losses), C=np.array(compute),
+                             run=np.array(runs), step=np.array(steps, float))
+    with pytest.raises(report.ScalingFitError, match="one model size .* wins the whole envelope"):
+        fit_approach1(pts)
+
+
 def test_kaplan_recovers_exponents():
     # Kaplan et al. 2020 joint law. L(N) takes each size's best loss, reached at the largest D, where
     # the data term is negligible; L(D) likewise takes each token count's best, at the largest N.

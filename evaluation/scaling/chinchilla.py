@@ -241,6 +241,11 @@ def fit_approach1(points: ScalingPoints, n_grid: int = 40, trim_edges: bool = Tr
     if np.count_nonzero(keep) < 2:
         raise ScalingFitError("Approach 1: fewer than 2 envelope points inside the trained size range; "
                               "train more model sizes or longer curves")
+    winners = np.unique(env["N"][keep])
+    if len(winners) < 2:
+        raise ScalingFitError(f"Approach 1: one model size (N={winners[0]:.4g}) wins the whole envelope, "
+                              "so N_opt does not move with C there (a fit would give a = 0); train sizes "
+                              "closer together or over a wider range of compute")
     return fit_allocation_power_laws(env["C"][keep], env["N"][keep], env["D"][keep])
 
 
