@@ -347,10 +347,10 @@ def run_eval(plan: Plan) -> dict:
 
 # Measured on the 2-core CI machine (BENCHMARKS.md, "Quickstart"): achieved training FLOP/s
 # is this fraction of a large float32 matmul's; compile and evaluation overheads in seconds.
-TRAIN_EFFICIENCY = 0.35
+TRAIN_EFFICIENCY = 0.26
 COMPILE_S = {"pretrain": 15.0, "sft": 15.0, "dpo": 25.0}
 DATA_S = 25.0
-EVAL_S_PER_MODEL = 45.0
+EVAL_S_PER_MODEL = 22.0
 
 
 def matmul_flops_per_s() -> float:
@@ -382,7 +382,7 @@ def estimate(plan: Plan) -> dict[str, float]:
         ov = qc[stage].overrides
         seq = ov.get("data", {}).get("seq_len", qc.data.seq_len)
         batch = ov.get("data", {}).get("batch_size", base.data.batch_size)
-        tokens = ov.steps * batch * seq * (1.4 if stage == "dpo" else 1.0)  # + reference pass
+        tokens = ov.steps * batch * seq
         seconds[stage] = COMPILE_S[stage] + tokens * flops_per_token(cfg, seq) / rate
     seconds["eval"] = EVAL_S_PER_MODEL * len(MODELS) * (0.3 if qc.eval.limit else 1.0)
     return seconds

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import platform
 import time
@@ -248,9 +249,12 @@ def eval_section(plan, record) -> list[Block]:
                             + ", ".join(f"{t} {n[t]}" for t in tasks if t in n) +
                             f". Pairs: the {len(first['pairs']['ids'])} held-out preference pairs "
                             "of the DPO stage; the implicit reward accuracy compares DPO with its "
-                            "SFT reference (β·log π/π_ref of chosen above rejected). At this size "
-                            "the multiple-choice scores are near chance: the table shows the "
-                            "harness working, not a capable model."))
+                            "SFT reference (β·log π/π_ref of chosen above rejected); with "
+                            f"{len(first['pairs']['ids'])} pairs an accuracy near 0.5 has a "
+                            f"standard error of ±{0.5 / math.sqrt(len(first['pairs']['ids'])):.2f}. "
+                            "At this size the multiple-choice scores are near chance and DPO "
+                            "fits its training pairs without generalising to held-out ones: the "
+                            "table shows the pipeline and harness working, not a capable model."))
     blocks.append(("img", eval_plot(plan, table), "held-out bits per byte"))
     return blocks
 

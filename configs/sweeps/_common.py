@@ -38,16 +38,18 @@ def sweep_defaults() -> ml_collections.ConfigDict:
     return c
 
 
-def packed_data_overrides(prepared_dir: str) -> dict:
+def packed_data_overrides(prepared_dir: str, prepare_flags: str = "") -> dict:
     """Overrides that train on `hibari data prepare` output: packed/ rows, packed-heldout/ for
-    eval, and the seq_len and vocabulary they were packed with."""
+    eval, and the seq_len and vocabulary they were packed with (`prepare_flags`: what the error
+    message's prepare command adds, e.g. "--vocab-size 1024")."""
     from data.loader import packed_info
     train_dir = os.path.join(prepared_dir, "packed")
     eval_dir = os.path.join(prepared_dir, "packed-heldout")
     for path in (train_dir, eval_dir):
         if not os.path.exists(os.path.join(path, "manifest.json")):
             raise ValueError(f"{path}: no packed shards; make them with "
-                             f"`{PREPARE_COMMAND.format(out=prepared_dir)}` (a few minutes on a CPU) "
+                             f"`{PREPARE_COMMAND.format(out=prepared_dir)}{prepare_flags and ' ' + prepare_flags}` "
+                             "(a few minutes on a CPU) "
                              "or pass ':synthetic' to train on the synthetic source")
     info = packed_info(train_dir)
     return {"data": {"kind": "packed", "path": train_dir, "eval_path": eval_dir,

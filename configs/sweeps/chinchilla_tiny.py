@@ -1,37 +1,42 @@
 """IsoFLOP sweep of tiny Llama models on the vendored corpus (Chinchilla Approach 2 at toy scale).
 
-    hibari data prepare --config configs/data/quickstart.py:runs/data/quickstart   # once
+    hibari data prepare --config configs/data/quickstart.py:runs/data/quickstart-1k --vocab-size 1024 --seq-len 256
     hibari sweep --config configs/sweeps/chinchilla_tiny.py --workdir runs/chinchilla_tiny --dry-run
     hibari sweep --config configs/sweeps/chinchilla_tiny.py --workdir runs/chinchilla_tiny
     hibari scaling fit runs/chinchilla_tiny/curves.csv --out runs/chinchilla_tiny/fit
 
-Three budgets x four sizes (d_model 32-128, 2-8 layers, 0.5M-3.6M parameters with the 8000-piece
-vocabulary): ~5e13 training FLOPs, under an hour on 2 CPU cores. Argument: the prepared data
-directory (default runs/data/quickstart), or `synthetic` to try the path without data.
-N is the total parameter count (Hoffmann et al.'s convention); at this size the embeddings are
-most of it, see docs/sweeps.md.
+Three budgets (1.5e12, 4e12, 1e13 FLOPs, C = 6·N·D) x four widths (d_model 32-80, 2-5 layers,
+90k-560k parameters). A 1,024-piece tokenizer keeps the embeddings from dominating N, and the
+sizes bracket the compute-optimal N that Hoffmann et al.'s ~20 tokens per parameter predicts at
+these budgets (110k-290k), so the IsoFLOP profiles can have their minima inside. About 45 minutes
+on 2 CPU cores (BENCHMARKS.md). Argument: the prepared data directory (default
+runs/data/quickstart-1k), or `synthetic` to try the path without data.
+N is the total parameter count (Hoffmann et al.'s convention), see docs/sweeps.md.
 """
 import ml_collections
 
 from configs.sweeps._common import packed_data_overrides, sweep_defaults
 
+PREPARE_FLAGS = "--vocab-size 1024 --seq-len 256"
 
-def get_config(arg: str = "runs/data/quickstart") -> ml_collections.ConfigDict:
+
+def get_config(arg: str = "runs/data/quickstart-1k") -> ml_collections.ConfigDict:
     c = sweep_defaults()
     c.name = "chinchilla_tiny"
     c.base = "configs/pretrain/llama.py:tiny"
     c.mode = "isoflop"
-    c.budgets = (2e12, 4e12, 8e12)
+    c.budgets = (1.5e12, 4e12, 1e13)
     c.param_count = "total"
-    c.widths = (32, 64, 96, 128)
-    c.aspect = 16              # 2, 4, 6, 8 layers
-    c.head_dim = 32            # 1, 2, 3, 4 heads
+    c.widths = (32, 48, 64, 80)
+    c.aspect = 16              # 2, 3, 4, 5 layers
+    c.head_dim = 16            # 2, 3, 4, 5 heads
     c.lrs = (3e-3,)
     c.seeds = (0,)
     c.eval_points = 6
     c.min_steps = 20
     c.warmup_fraction = 0.05
-    data = packed_data_overrides(arg) if arg != "synthetic" else {"data": {}, "model": {}}
+    data = (packed_data_overrides(arg, PREPARE_FLAGS) if arg != "synthetic"
+            else {"data": {"seq_len": 256}, "model": {"vocab_size": 1024, "max_seq_len": 256}})
     data["data"]["batch_size"] = 8
     c.overrides = ml_collections.ConfigDict({**data, "eval_batches": 8})
     return c
