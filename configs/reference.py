@@ -26,7 +26,7 @@ CONFIGS = (
     ("configs/reward/pairs.py", ("configs/reward/pairs.py", "align/configs_common.py",
                                 "configs/pretrain/llama.py", "model/config.py")),
     ("configs/quickstart.py", ("configs/quickstart.py",)),
-    ("configs/sweeps/chinchilla_tiny.py", ("configs/sweeps/chinchilla_tiny.py",
+    ("configs/sweeps/chinchilla_tiny.py:synthetic", ("configs/sweeps/chinchilla_tiny.py",
                                            "configs/sweeps/_common.py")),
 )
 COMMENT = re.compile(r"(?:\bc\.(?:[\w.]+\.)?|\b|\")(\w+)\"?\s*[=:][^#\n]*#\s*(.+)$")
