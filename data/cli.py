@@ -159,7 +159,8 @@ def prepare_config_from_args(a):
     """PrepareConfig of `hibari data prepare` arguments: the config file, then the flags."""
     import dataclasses
     cfg = load_prepare_config(a.config, a.strict)
-    changes = {k: v for k, v in (("tokenizer_vocab_size", a.vocab_size), ("seq_len", a.seq_len))
+    changes = {k: v for k, v in (("tokenizer_vocab_size", a.vocab_size), ("seq_len", a.seq_len),
+                                 ("tokenizer_character_coverage", a.character_coverage))
                if v is not None}
     return dataclasses.replace(cfg, **changes)
 
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--vocab-size", type=int, help="override the config's tokenizer_vocab_size")
     p.add_argument("--seq-len", type=int, help="override the config's seq_len")
+    p.add_argument("--character-coverage", type=float,
+                   help="override the config's tokenizer_character_coverage")
     p.set_defaults(fn=cmd_prepare)
     return parser
 

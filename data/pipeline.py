@@ -35,6 +35,7 @@ class PrepareConfig:
     processes: int = 1
     tokenizer_vocab_size: int | None = None  # train a tokenizer when set
     tokenizer_model_type: str = "unigram"
+    tokenizer_character_coverage: float = 0.9995  # rarer characters become byte-fallback pieces
     seq_len: int | None = None           # pack when set
     pack_method: str = "greedy"
     source_field: str = "lang"           # meta field that names a document's source for packing
@@ -130,7 +131,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             sp = load_tokenizer(model)
         else:
             sp = train_tokenizer(train, model, vocab_size=cfg.tokenizer_vocab_size,
-                                 model_type=cfg.tokenizer_model_type)
+                                 model_type=cfg.tokenizer_model_type,
+                                 character_coverage=cfg.tokenizer_character_coverage)
         report["tokenizer"] = {"path": model, "heldout": tokenizer_report(
             sp, (d["text"] for d in split_docs(corpus, cfg.heldout_every, heldout=True)))}
     if cfg.seq_len:

@@ -133,6 +133,20 @@ def test_prepare_config_errors_name_the_file(tmp_path):
         load_prepare_config(str(bad))
 
 
+def test_prepare_flags_override_the_config_file():
+    from data.cli import build_parser, prepare_config_from_args
+    spec = "configs/data/quickstart.py:out/x"
+    base = prepare_config_from_args(build_parser().parse_args(["prepare", "--config", spec]))
+    assert (base.tokenizer_vocab_size, base.seq_len, base.tokenizer_character_coverage) == \
+        (8000, 512, 0.9995)
+    cfg = prepare_config_from_args(build_parser().parse_args(
+        ["prepare", "--config", spec, "--vocab-size", "1024", "--seq-len", "256",
+         "--character-coverage", "0.995"]))
+    assert (cfg.tokenizer_vocab_size, cfg.seq_len, cfg.tokenizer_character_coverage) == \
+        (1024, 256, 0.995)
+    assert cfg.out == "out/x" and cfg.inputs == base.inputs
+
+
 def test_strict_stops_at_bad_input_naming_file_and_line(tmp_path, capsys):
     write(tmp_path / "in.jsonl", sample("en", 40), extra_lines=['{"id": "x", "body": "no text field"}'])
     n = len(sample("en", 40))

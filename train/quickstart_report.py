@@ -76,7 +76,8 @@ def training_plot(plan, stage: str, unigram: float | None = None) -> Path | None
         return None
     loss = [("train loss", *_series(records, "loss"), "-"),
             ("held-out loss", *_series(records, "eval_loss"), "o-")]
-    panels = [("loss (nats/token)", loss)]
+    panels = [("DPO loss, -log sigmoid(reward margin)" if stage == "dpo" else "loss (nats/token)",
+               loss)]
     if stage == "dpo":
         panels.append(("preference accuracy", [
             ("train batch", *_series(records, "accuracy"), "-"),
