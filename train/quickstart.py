@@ -239,8 +239,10 @@ def run_training(plan: Plan, stage: str) -> dict:
 
 
 def heldout_task_paths(plan: Plan) -> dict[str, Path]:
-    langs = plan.qc.data.get("languages", ("en", "ja"))
-    return {lang: plan.dir("eval") / "tasks" / f"heldout_{lang}.yaml" for lang in langs}
+    """One perplexity task per language of the prepared data (run after the data stage)."""
+    report = json.loads((plan.dir("data") / "report.json").read_text())
+    return {lang: plan.dir("eval") / "tasks" / f"heldout_{lang}.yaml"
+            for lang in report["config"]["languages"]}
 
 
 def write_heldout_tasks(plan: Plan) -> dict[str, list[str]]:
@@ -268,14 +270,10 @@ def write_heldout_tasks(plan: Plan) -> dict[str, list[str]]:
     return texts
 
 
-def unigram_bpb(plan: Plan, tokenizer, texts: list[str]) -> float:
-    """Bits per byte of the add-one unigram model of the training rows on `texts`, tokenized
-    as the harness tokenizes them: the context-free baseline in the harness's units."""
-    import numpy as np
-    from data.loader import target_counts, unigram_probs
+def unigram_bpb(log_p, tokenizer, texts: list[str]) -> float:
+    """Bits per byte of a unigram model (`log_p[v]`) on `texts`, tokenized as the harness
+    tokenizes them: the context-free baseline in the harness's units."""
     from evaluation.tokenizer import utf8_len
-    log_p = np.log(unigram_probs(target_counts(str(plan.dir("data") / "packed"),
-                                               tokenizer.vocab_size)))
     nll = -sum(float(log_p[tokenizer.encode(t, bos=False)].sum()) for t in texts)
     return nll / (math.log(2) * sum(utf8_len(t) for t in texts))
 
@@ -328,9 +326,13 @@ def evaluate_model(plan: Plan, model: str) -> dict:
 
 def run_eval(plan: Plan) -> dict:
     from evaluation.tokenizer import load_tokenizer
+    import numpy as np
+    from data.loader import target_counts, unigram_probs
     texts = write_heldout_tasks(plan)
     tokenizer = load_tokenizer(plan.tokenizer)
-    baseline = {lang: unigram_bpb(plan, tokenizer, t) for lang, t in texts.items() if t}
+    log_p = np.log(unigram_probs(target_counts(str(plan.dir("data") / "packed"),
+                                               tokenizer.vocab_size)))
+    baseline = {lang: unigram_bpb(log_p, tokenizer, t) for lang, t in texts.items() if t}
     models = {}
     for model in MODELS:
         path = plan.dir("eval") / model / "summary.json"
