@@ -11,7 +11,8 @@ import pytest
 from hibari import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "data" / "README.md", REPO / "align" / "README.md",
+        *sorted((REPO / "docs").glob("*.md"))]
 RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
                 "dpo": "configs/dpo/pairs.py", "reward": "configs/reward/pairs.py"}
 
