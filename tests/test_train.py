@@ -291,3 +291,33 @@ def test_synthetic_source_is_deterministic_and_shard_consistent():
     src2 = SyntheticTokens(vocab_size=64, batch_size=2, seq_len=16, seed=5)
     src2.set_state(state)
     np.testing.assert_array_equal(next(iter(src2))["tokens"], after["tokens"])
+
+
+def test_stop_signal_right_after_a_periodic_save_keeps_that_checkpoint(tmp_path):
+    """SIGTERM arriving during a checkpoint step: the stop path must not save that step again."""
+    import os
+    import signal
+    from train.loop import make_loader
+    config = tiny(steps=8, checkpoint_every=4)
+
+    class SignalsAtBatch4:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            for i, batch in enumerate(self.inner, 1):
+                if i == 4:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    task = Task(make_loader=lambda split: SignalsAtBatch4(make_loader(config, split))
+                if split == "train" else make_loader(config, split))
+    summary = train(config, tmp_path, task)
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 4
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4]

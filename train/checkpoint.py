@@ -59,8 +59,11 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, state, loader_state: dict[str, Any]) -> None:
-        """Save a TrainState (params, opt_state, step, rng) and the loader position."""
+        """Save a TrainState (params, opt_state, step, rng) and the loader position; a step
+        already saved is left as it is (e.g. a stop signal right after a periodic save)."""
         step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
