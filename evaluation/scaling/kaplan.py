@@ -42,7 +42,9 @@ def fit_power_law(x, loss) -> PowerLawFit:
     if slope >= 0:
         raise ScalingFitError(f"loss does not decrease with x (log-log slope {slope:.3g}); no power law L = (x_c/x)^a")
     exponent = -slope
-    return PowerLawFit(x_c=float(np.exp(intercept / exponent)), exponent=float(exponent), x=x, loss=loss)
+    with np.errstate(over="ignore"):  # a near-flat law puts x_c beyond float range: inf
+        x_c = float(np.exp(intercept / exponent))
+    return PowerLawFit(x_c=x_c, exponent=float(exponent), x=x, loss=loss)
 
 
 def lowest_loss_per_group(x, loss, tol_dex: float) -> tuple[np.ndarray, np.ndarray]:

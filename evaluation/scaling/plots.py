@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from evaluation.scaling.chinchilla import (  # noqa: E402
     AllocationFit, IsoFlopProfile, ParametricLaw, compute_optimal_allocation)
@@ -20,6 +21,9 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Fixed margins: tight_layout measures every text box and costs more than the drawing itself.
     fig.subplots_adjust(left=0.1, right=0.95, bottom=0.11, top=0.92, wspace=0.25)
+    for ax in fig.axes:  # over less than a decade matplotlib labels minor log ticks on top of each other
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
