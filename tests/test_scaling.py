@@ -256,3 +256,15 @@ def test_cli_reports_errors_without_writing(tmp_path, capsys, small_coarse_grid)
     fits = json.loads((out / "fits.json").read_text())
     assert "IsoFLOP" in fits["approaches"]["approach2"]["skipped"]
     assert "E" in json.loads((out / "fit.json").read_text())
+
+
+def test_vendored_chinchilla_tiny_sweep_gives_the_documented_fit():
+    """docs/sweeps.md quotes these numbers from docs/results/chinchilla_tiny (a real CPU sweep)."""
+    pts = load_points(Path(__file__).resolve().parents[1] / "docs/results/chinchilla_tiny/curves.csv")
+    fit, profiles, skipped = fit_approach2(pts.final_points())
+    assert not skipped and len(profiles) == 3
+    assert fit.a == pytest.approx(0.458, abs=1e-3) and fit.b == pytest.approx(0.542, abs=1e-3)
+    sizes = np.unique(pts.N)
+    for p, n_opt in zip(profiles, (62.9e3, 88.3e3, 119.1e3)):
+        assert sizes.min() < p.N_opt < sizes.max()  # every minimum inside the sizes trained
+        assert p.N_opt == pytest.approx(n_opt, rel=2e-3)
