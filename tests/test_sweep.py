@@ -131,7 +131,7 @@ def test_dry_run_prints_the_member_table(capsys):
     from train.sweep_cli import sweep_main
     assert sweep_main(["--config", "configs/sweeps/chinchilla_tiny.py:synthetic", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "d64-l4-C4e12" in out and "members" in out and "6ND" in out
+    assert "d64-l4-C2e12" in out and "members" in out and "6ND" in out
     from configs.sweeps.chinchilla_tiny import get_config
     members, _ = expand(get_config("synthetic"))
     assert member_table(members).splitlines()[1].split()[0] == members[0].name
