@@ -132,23 +132,14 @@ def load_prepare_config(spec: str, strict: bool = False):
     """`path.py[:arg]` (relative to the cwd, else to the installed package, e.g.
     `configs/data/quickstart.py:runs/data/quickstart`) -> PrepareConfig from its `get_config(arg)`."""
     import dataclasses
-    import importlib.util
     from data.dedup import NearDedupConfig
     from data.pipeline import PrepareConfig
-    from train.cli import resolve_config_path
-    path, _, arg = resolve_config_path(spec).partition(":")
-    module_spec = importlib.util.spec_from_file_location("prepare_config", path)
-    if module_spec is None or not path.endswith(".py"):
-        raise SystemExit(f"--config {path!r}: not a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SystemExit(f"--config {path!r}: defines no get_config(arg)")
-    fields = dict(module.get_config(arg) if arg else module.get_config())
+    from train.config_files import load_python_config
+    fields = dict(load_python_config(spec, "--config", SystemExit))
     known = {f.name for f in dataclasses.fields(PrepareConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise SystemExit(f"--config {path!r}: unknown fields {unknown}; PrepareConfig has {sorted(known)}")
+        raise SystemExit(f"--config {spec!r}: unknown fields {unknown}; PrepareConfig has {sorted(known)}")
     fields["dedup"] = NearDedupConfig(**dict(fields.get("dedup", {})))
     if strict:
         fields["strict"] = True

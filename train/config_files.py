@@ -20,6 +20,8 @@ def load_python_config(spec: str, where: str = "config", error: type = ConfigFil
         path, _, arg = resolve_config_path(spec).partition(":")
     except SystemExit as e:
         raise error(f"{where}={spec!r}: {e}") from None
+    if not path.endswith(".py"):
+        raise error(f"{where}={spec!r}: not a Python file")
     module_spec = importlib.util.spec_from_file_location(f"_hibari_cfg_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
