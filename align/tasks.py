@@ -67,6 +67,11 @@ def encoder_of(config: ml_collections.ConfigDict, cfg: ModelConfig) -> SegmentEn
     return encoder
 
 
+def formatting(config: ml_collections.ConfigDict, cfg: ModelConfig):
+    """(encoder, template, seq_len) of config.data, the encoder checked against the model."""
+    return encoder_of(config, cfg), get_template(config.data.template), config.data.seq_len
+
+
 def _asset_path(path: str) -> str:
     """A path as given, else relative to the package root (so configs can name assets)."""
     if os.path.exists(path):
@@ -114,9 +119,7 @@ def local_batch(config) -> int:
 
 def sft_task(config: ml_collections.ConfigDict) -> Task:
     cfg, params = start_params(config)
-    encoder = encoder_of(config, cfg)
-    template = get_template(config.data.template)
-    seq_len = config.data.seq_len
+    encoder, template, seq_len = formatting(config, cfg)
     train, evaluation = split_data(
         config, lambda paths, skipped: sft.load_examples(paths, encoder, template, seq_len,
                                                           skipped))
@@ -172,9 +175,7 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
         raise TrainConfigError(f"config.reference={config.reference!r}; choose 'live' or "
                                "'precomputed'")
     cfg, params = start_params(config)
-    encoder = encoder_of(config, cfg)
-    template = get_template(config.data.template)
-    seq_len = config.data.seq_len
+    encoder, template, seq_len = formatting(config, cfg)
     pairs_loader = lambda paths, skipped: preference.load_pairs(paths, encoder, template,
                                                                 seq_len, skipped)
     if config.loss == "kto":  # unpaired training items; held-out pairs when there are any
@@ -238,9 +239,7 @@ def heldout_pair_logps(config: ml_collections.ConfigDict, cfg: ModelConfig, para
     """(ids, logps[n, 2]): summed log p of the chosen and rejected responses of a preference
     config's held-out pairs under `params`, tokenized and templated exactly as training sees
     them (evaluation of any model on the pairs, e.g. before and after DPO)."""
-    encoder = encoder_of(config, cfg)
-    template = get_template(config.data.template)
-    seq_len = config.data.seq_len
+    encoder, template, seq_len = formatting(config, cfg)
     _, pairs = split_data(config, lambda paths, skipped: preference.load_pairs(
         paths, encoder, template, seq_len, skipped))
     if not pairs:
@@ -262,9 +261,7 @@ def heldout_pair_logps(config: ml_collections.ConfigDict, cfg: ModelConfig, para
 
 def reward_task(config: ml_collections.ConfigDict) -> Task:
     cfg, transformer = start_params(config)
-    encoder = encoder_of(config, cfg)
-    template = get_template(config.data.template)
-    seq_len = config.data.seq_len
+    encoder, template, seq_len = formatting(config, cfg)
     train, evaluation = split_data(
         config, lambda paths, skipped: preference.load_pairs(paths, encoder, template, seq_len,
                                                              skipped))
