@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,12 @@ def formatting(config: ml_collections.ConfigDict, cfg: ModelConfig):
     return encoder_of(config, cfg), get_template(config.data.template), config.data.seq_len
 
 
+def reader(load: Callable, encoder: SegmentEncoder, template, seq_len: int) -> Callable:
+    """`load(paths, encoder, template, seq_len, skipped)` as the `(paths, skipped)` reader
+    that `split_data` takes."""
+    return lambda paths, skipped: load(paths, encoder, template, seq_len, skipped)
+
+
 def _asset_path(path: str) -> str:
     """A path as given, else relative to the package root (so configs can name assets)."""
     if os.path.exists(path):
@@ -120,9 +126,7 @@ def local_batch(config) -> int:
 def sft_task(config: ml_collections.ConfigDict) -> Task:
     cfg, params = start_params(config)
     encoder, template, seq_len = formatting(config, cfg)
-    train, evaluation = split_data(
-        config, lambda paths, skipped: sft.load_examples(paths, encoder, template, seq_len,
-                                                          skipped))
+    train, evaluation = split_data(config, reader(sft.load_examples, encoder, template, seq_len))
 
     def make_loader(split):
         examples = train if split == "train" else evaluation
@@ -176,11 +180,10 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
                                "'precomputed'")
     cfg, params = start_params(config)
     encoder, template, seq_len = formatting(config, cfg)
-    pairs_loader = lambda paths, skipped: preference.load_pairs(paths, encoder, template,
-                                                                seq_len, skipped)
+    pairs_loader = reader(preference.load_pairs, encoder, template, seq_len)
     if config.loss == "kto":  # unpaired training items; held-out pairs when there are any
-        train_items, _ = split_data(config, lambda paths, skipped: preference.load_unpaired(
-            paths, encoder, template, seq_len, skipped))
+        train_items, _ = split_data(
+            config, reader(preference.load_unpaired, encoder, template, seq_len))
         eval_pairs = _heldout_pairs(config, pairs_loader)
     else:
         train_items, eval_pairs = split_data(config, pairs_loader)
@@ -234,25 +237,27 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
                 frozen_params=_copy(params) if config.reference == "live" else None)
 
 
-def heldout_pair_logps(config: ml_collections.ConfigDict, cfg: ModelConfig, params
-                       ) -> tuple[list[str], np.ndarray]:
-    """(ids, logps[n, 2]): summed log p of the chosen and rejected responses of a preference
-    config's held-out pairs under `params`, tokenized and templated exactly as training sees
-    them (evaluation of any model on the pairs, e.g. before and after DPO)."""
-    encoder, template, seq_len = formatting(config, cfg)
-    _, pairs = split_data(config, lambda paths, skipped: preference.load_pairs(
-        paths, encoder, template, seq_len, skipped))
+def heldout_pair_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
+                        ) -> tuple[list[str], Callable[[Any], np.ndarray]]:
+    """(ids, score): the held-out pairs of a preference config, tokenized and templated exactly
+    as training sees them, and `score(params) -> logps[n, 2]`, the summed log p of their chosen
+    and rejected responses (one compiled function for any number of models of shape `cfg`,
+    e.g. before and after DPO)."""
+    _, pairs = split_data(config, reader(preference.load_pairs, *formatting(config, cfg)))
     if not pairs:
         raise AlignDataError(f"config.data: no held-out pairs ({config.data.train_path}, "
                              f"eval_fraction={config.data.eval_fraction})")
     mesh = make_mesh(config.mesh.to_dict())
     rules = normalize_rules(config.rules)
-    placed = jax.device_put(params, logical_shardings(
-        param_axes(cfg), jax.eval_shape(lambda: params), mesh, rules))
     fn = preference.logps_fn(cfg, mesh, rules, config.logits_chunk)
-    rows = preference.item_rows(pairs, seq_len)
-    return [x.id for x in pairs], preference.all_logps(fn, placed, rows, config.data.batch_size,
-                                                       mesh, rules)
+    rows = preference.item_rows(pairs, config.data.seq_len)
+
+    def score(params) -> np.ndarray:
+        placed = jax.device_put(params, logical_shardings(
+            param_axes(cfg), jax.eval_shape(lambda: params), mesh, rules))
+        return preference.all_logps(fn, placed, rows, config.data.batch_size, mesh, rules)
+
+    return [x.id for x in pairs], score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +268,7 @@ def reward_task(config: ml_collections.ConfigDict) -> Task:
     cfg, transformer = start_params(config)
     encoder, template, seq_len = formatting(config, cfg)
     train, evaluation = split_data(
-        config, lambda paths, skipped: preference.load_pairs(paths, encoder, template, seq_len,
-                                                             skipped))
+        config, reader(preference.load_pairs, encoder, template, seq_len))
     train_rows = preference.item_rows(train, seq_len)
     eval_rows = preference.item_rows(evaluation, seq_len) if evaluation else None
     params = reward.init_reward_params(cfg, jax.random.fold_in(jax.random.key(config.seed), 2),

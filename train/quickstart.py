@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import ml_collections
 
@@ -283,11 +285,11 @@ def instruction_prompt(template_name: str, instruction: str) -> str:
     return "".join(s.text for s in get_template(template_name).prompt({"instruction": instruction}))
 
 
-def evaluate_model(plan: Plan, model: str) -> dict:
-    """Harness tasks, held-out pair log-probs and greedy generations of one trained model."""
+def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str) -> dict:
+    """Harness tasks, held-out pair log-probs (`score_pairs(cfg)` -> (ids, score(params)))
+    and greedy generations through the SFT `template` of one trained model."""
     import numpy as np
     from tqdm import tqdm
-    from align.tasks import heldout_pair_logps
     from evaluation.lm import load_lm
     from evaluation.report import write_results
     from evaluation.runner import evaluate_task
@@ -303,11 +305,10 @@ def evaluate_model(plan: Plan, model: str) -> dict:
         steps.update(1)
     write_results(out, results, {"checkpoint": str(plan.dir(model)), "command":
                                  plan.eval_command(model)})
-    dpo_config = plan.train_config("dpo")
-    ids, logps = heldout_pair_logps(dpo_config, lm.cfg, lm.params)
+    ids, score = score_pairs(lm.cfg)
+    logps = score(lm.params)
     np.save(out / "pair_logps.npy", logps)
     steps.update(1)
-    template = plan.train_config("sft").data.template
     generations = []
     for kind, prompts in (("text", qc.prompts.text), ("instruction", qc.prompts.instruction)):
         shown = [p if kind == "text" else instruction_prompt(template, p) for p in prompts]
@@ -333,13 +334,18 @@ def run_eval(plan: Plan) -> dict:
     log_p = np.log(unigram_probs(target_counts(str(plan.dir("data") / "packed"),
                                                tokenizer.vocab_size)))
     baseline = {lang: unigram_bpb(log_p, tokenizer, t) for lang, t in texts.items() if t}
+    from align.tasks import heldout_pair_scorer
+    dpo_config = plan.train_config("dpo")
+    template = plan.train_config("sft").data.template
+    # The models share one shape: the pairs are tokenized and the scorer compiled once.
+    score_pairs = functools.lru_cache(lambda cfg: heldout_pair_scorer(dpo_config, cfg))
     models = {}
     for model in MODELS:
         path = plan.dir("eval") / model / "summary.json"
         if path.exists():  # finished before an interruption
             models[model] = json.loads(path.read_text())
             continue
-        models[model] = evaluate_model(plan, model)
+        models[model] = evaluate_model(plan, model, score_pairs, template)
     return {"unigram_bpb": baseline, "models": models}
 
 

@@ -70,8 +70,9 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def training_plot(plan, stage: str, unigram: float | None = None) -> Path | None:
-    records = read_member_metrics(plan.dir(stage))
+def training_plot(plan, stage: str, records: list[dict], unigram: float | None = None
+                  ) -> Path | None:
+    """`records`: the run's metrics.jsonl records (one per step)."""
     if not records:
         return None
     loss = [("train loss", *_series(records, "loss"), "-"),
@@ -197,13 +198,13 @@ def training_section(plan, stage: str, record, title: str, unigram=None) -> list
         for key in ("heldout_accuracy", "heldout_reward_margin"):
             rows.append([f"final {key.replace('_', ' ')}", _f(_final(metrics, key))])
     blocks.append(("table", ["metric", "value"], rows))
-    plot = training_plot(plan, stage, unigram)
+    plot = training_plot(plan, stage, metrics, unigram)
     if plot is not None:
         blocks.append(("img", plot, f"{stage} loss curves"))
     return blocks
 
 
-def eval_rows(plan, result: dict, tasks: list[str]) -> list[dict]:
+def eval_rows(result: dict, tasks: list[str]) -> list[dict]:
     rows = [{"name": "unigram baseline", "bpb": result["unigram_bpb"], "acc": {},
              "pair_acc": None, "reward_acc": None}]
     reference = None
@@ -229,7 +230,7 @@ def eval_section(plan, record) -> list[Block]:
         return blocks + _not_run("eval")
     result = record["result"]
     tasks = list(plan.qc.eval.tasks)
-    table = eval_rows(plan, result, tasks)
+    table = eval_rows(result, tasks)
     langs = sorted({k for row in table for k in row["bpb"]})
     header = ([f"bits/byte held-out {lang}" for lang in langs] +
               [f"{t} acc (chance {CHANCE[t]})" if t in CHANCE else f"{t} acc" for t in tasks] +
