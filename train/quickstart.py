@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("data", "pretrain", "sft", "dpo", "eval")
 MODELS = ("pretrain", "sft", "dpo")  # the trained stages, evaluated in this order
-PROGS = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
 # What `--fresh` removes: only what the quickstart writes.
 OWNED = STAGES + ("stages", "plots", "report.md", "report.html", "report.json", "quickstart.json")
 STATE_FILE = "quickstart.json"
@@ -99,8 +98,7 @@ class Plan:
         return argv + override_flags(section.overrides)
 
     def command(self, stage: str) -> str:
-        prog = "data" if stage == "data" else PROGS[stage]
-        return "hibari " + shlex.join([prog] + self.argv(stage))
+        return "hibari " + shlex.join([stage] + self.argv(stage))  # the stage is the command
 
     def eval_command(self, model: str) -> str:
         tasks = list(self.qc.eval.tasks) + [str(p) for p in heldout_task_paths(self).values()]
@@ -112,7 +110,7 @@ class Plan:
 
     def train_config(self, stage: str) -> ml_collections.ConfigDict:
         from train.cli import parse_run_flags
-        return parse_run_flags(PROGS[stage], self.argv(stage), default_config=None).config
+        return parse_run_flags(stage, self.argv(stage), default_config=None).config
 
 
 def load_plan(spec: str, out: str | Path) -> Plan:
