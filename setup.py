@@ -1,6 +1,13 @@
 """hibari: one JAX/Flax codebase from corpus to evaluation."""
 from setuptools import find_packages, setup
 
+# The rooms stay at the repository root and install under the one name `hibari`:
+# model/ -> hibari.model, data/ -> hibari.data, ... (`hibari/` holds the CLI and pipelines).
+ROOMS = ("model", "data", "train", "align", "evaluation", "configs")
+PACKAGE_DIR = {"hibari": "hibari", **{f"hibari.{room}": room for room in ROOMS}}
+PACKAGES = ["hibari", *(f"hibari.{p}" for p in find_packages(where="hibari"))] + [
+    f"hibari.{p}" for room in ROOMS for p in find_packages(include=[room, f"{room}.*"])]
+
 RUNTIME = [
     "jax>=0.10.2,<0.11",
     "flax>=0.12.8,<0.13",
@@ -26,8 +33,8 @@ setup(
     version="0.1.0",
     description="Corpus to tokenizer to pretraining to SFT/DPO to evaluation in JAX/Flax",
     python_requires=">=3.10",
-    packages=find_packages(include=["model*", "data*", "train*", "align*", "evaluation*", "configs*"]),
-    py_modules=["hibari"],
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     # Vendored samples (corpus, instruction data, eval tasks) ship inside the packages.
     package_data={"": ["assets/**/*", "assets/*", "tasks/**/*", "tasks/*", "*.md"]},
     install_requires=RUNTIME,
@@ -40,5 +47,5 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "bench": ["datasketch>=1.6"],
     },
-    entry_points={"console_scripts": ["hibari=hibari:main"]},
+    entry_points={"console_scripts": ["hibari=hibari.cli:main"]},
 )

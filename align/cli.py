@@ -12,35 +12,32 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import parse_run_flags, setup_logging, user_errors
+from hibari.train.cli import parse_run_flags, setup_logging
 
 
 def _run(prog: str, argv: list[str], default_config: str, make_task) -> int:
     setup_logging()
     fv = parse_run_flags(prog, argv, default_config=default_config)
-    from train.distributed import initialize
+    from hibari.train.distributed import initialize
     initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-    from align.data import AlignDataError
-    from align.templates import TemplateError
-    from train.loop import train
-    with user_errors(prog, (AlignDataError, TemplateError, FileNotFoundError)):
-        task = make_task(fv.config, fv.workdir)
-        summary = train(fv.config, fv.workdir, task)
+    from hibari.train.loop import train
+    task = make_task(fv.config, fv.workdir)
+    summary = train(fv.config, fv.workdir, task)
     shown = {k: v for k, v in summary.items() if k != "params"}
     print(f"hibari {prog}: {shown}", file=sys.stderr)
     return 0
 
 
 def sft_main(argv: list[str]) -> int:
-    from align.tasks import sft_task
+    from hibari.align.tasks import sft_task
     return _run("sft", argv, "configs/sft/instruct.py", lambda config, _: sft_task(config))
 
 
 def dpo_main(argv: list[str]) -> int:
-    from align.tasks import preference_task
+    from hibari.align.tasks import preference_task
     return _run("dpo", argv, "configs/dpo/pairs.py", preference_task)
 
 
 def reward_main(argv: list[str]) -> int:
-    from align.tasks import reward_task
+    from hibari.align.tasks import reward_task
     return _run("reward", argv, "configs/reward/pairs.py", lambda config, _: reward_task(config))

@@ -16,13 +16,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from align.templates import Segment, TemplateError
-from data.pack import positions_from_segments
+from hibari.align.templates import Segment, TemplateError
+from hibari.base.errors import UserError
+from hibari.base.segments import positions_from_segments
 
 log = logging.getLogger(__name__)
 
 
-class AlignDataError(ValueError):
+class AlignDataError(UserError, ValueError):
     """No usable data, or a file that cannot be read; the message names the file."""
 
 

@@ -27,13 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from align.data import AlignDataError, RowLoader, SegmentEncoder, Skipped, read_records
-from align.losses import LOSSES, kto_loss, pair_loss
-from align.templates import (TEMPLATES, ChatTemplate, Segment, TemplateError, as_chat,
-                             get_template)
-from model import ModelConfig, hidden
-from train.losses import _chunked_log_probs, next_token_targets
-from train.sharding import global_batch, replicated, sharding_context
+from hibari.align.data import AlignDataError, RowLoader, SegmentEncoder, Skipped, read_records
+from hibari.align.losses import LOSSES, kto_loss, pair_loss
+from hibari.align.templates import (
+    TEMPLATES,
+    ChatTemplate,
+    Segment,
+    TemplateError,
+    as_chat,
+    get_template,
+)
+from hibari.model import ModelConfig, hidden
+from hibari.model.logprobs import chunked_log_probs, next_token_targets
+from hibari.train.sharding import global_batch, replicated, sharding_context
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +211,7 @@ def sequence_logps(cfg: ModelConfig, params, batch: Mapping[str, jax.Array],
     """logps[b, 2]: log p of the response tokens of segments 1 and 2 of each row, summed."""
     h = hidden(cfg, params, batch["tokens"], batch["segment_ids"], batch.get("positions"))
     targets, weights = next_token_targets(batch)
-    log_p, _ = _chunked_log_probs(cfg, params, h, targets, logits_chunk)
+    log_p, _ = chunked_log_probs(cfg, params, h, targets, logits_chunk)
     seg = batch["segment_ids"]
     return jnp.stack([(log_p * weights * (seg == k)).sum(-1) for k in (1, 2)], axis=-1)
 

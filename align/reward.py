@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from align.data import SegmentEncoder
-from align.losses import bradley_terry_loss
-from align.preference import encode_sequence, item_rows, Item, prompt_segments
-from align.templates import get_template
-from model import ModelConfig, hidden, init, param_axes, param_shapes
+from hibari.align.data import SegmentEncoder
+from hibari.align.losses import bradley_terry_loss
+from hibari.align.preference import Item, encode_sequence, item_rows, prompt_segments
+from hibari.align.templates import get_template
+from hibari.model import ModelConfig, hidden, init, param_axes, param_shapes
 
 
 def init_head(cfg: ModelConfig, key: jax.Array, std: float | None = None) -> dict:
@@ -87,7 +87,7 @@ def score(params, prompts: Sequence[Any], responses: Sequence[str], *, cfg: Mode
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if isinstance(tokenizer, (str, Path)):
-        from data.tokenizer import load_tokenizer
+        from hibari.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(str(tokenizer))
     encoder, tpl = SegmentEncoder(tokenizer), get_template(template)
     items = []
@@ -107,19 +107,19 @@ def score(params, prompts: Sequence[Any], responses: Sequence[str], *, cfg: Mode
 
 def load_reward_model(run_dir: str | Path, step: int | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) of a `hibari reward` run directory (latest checkpoint by default)."""
-    import orbax.checkpoint as ocp
-    from train.checkpoint import Checkpointer, CheckpointError, _model_config_of_run
+    from hibari.model.params_io import (
+        CheckpointError,
+        finished_steps,
+        model_config_of_run,
+        restore_tree,
+    )
     run_dir = Path(run_dir).absolute()
-    cfg = _model_config_of_run(run_dir)
-    steps = Checkpointer(run_dir / "checkpoints").all_steps()
+    cfg = model_config_of_run(run_dir)
+    steps = finished_steps(run_dir / "checkpoints")
     if not steps:
         raise CheckpointError(f"{run_dir}/checkpoints holds no finished checkpoint")
     step = max(steps) if step is None else step
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = {"transformer": param_shapes(cfg),
               "head": jax.eval_shape(lambda: init_head(cfg, jax.random.key(0)))}
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          shapes)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(run_dir / "checkpoints" / str(step) / "params", target)
+    params = restore_tree(run_dir / "checkpoints" / str(step) / "params", shapes)
     return cfg, params

@@ -16,10 +16,10 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from align.data import (AlignDataError, RowLoader, SegmentEncoder, Skipped, read_records)
-from align.templates import TEMPLATES, ChatTemplate, Segment, as_chat, get_template
-from data.pack import first_fit_decreasing
-from train.losses import lm_loss_fn
+from hibari.align.data import AlignDataError, RowLoader, SegmentEncoder, Skipped, read_records
+from hibari.align.templates import TEMPLATES, ChatTemplate, Segment, as_chat, get_template
+from hibari.data.pack import first_fit_decreasing
+from hibari.train.losses import lm_loss_fn
 
 
 class Example(NamedTuple):

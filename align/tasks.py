@@ -24,17 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from align import preference, reward, sft
-from align.data import AlignDataError, SegmentEncoder, Skipped, check_vocab
-from align.losses import LOSSES
-from align.templates import get_template
-from model import ModelConfig, init, param_axes
-from train.loop import Task, TrainConfigError, model_config
-from train.sharding import logical_shardings, make_mesh, normalize_rules
+from hibari.align import preference, reward, sft
+from hibari.align.data import AlignDataError, SegmentEncoder, Skipped, check_vocab
+from hibari.align.losses import LOSSES
+from hibari.align.templates import get_template
+from hibari.base.config_files import resolve_path
+from hibari.model import ModelConfig, init, param_axes
+from hibari.train.loop import Task, TrainConfigError, model_config
+from hibari.train.sharding import logical_shardings, make_mesh, normalize_rules
 
 log = logging.getLogger(__name__)
-
-ASSETS = Path(__file__).parent / "assets"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +44,7 @@ def start_params(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
     """(cfg, params) from config.init_from, writing its model config into config.model;
     (cfg of config.model, fresh params from the seed) when init_from is empty."""
     if config.get("init_from"):
-        from train.checkpoint import load_params
+        from hibari.model.params_io import load_params
         cfg, params = load_params(config.init_from)
         with config.unlocked():
             config.model = ml_collections.ConfigDict(cfg.to_dict())
@@ -60,8 +59,8 @@ def start_params(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
 
 
 def encoder_of(config: ml_collections.ConfigDict, cfg: ModelConfig) -> SegmentEncoder:
-    from data.tokenizer import load_tokenizer
-    path = _asset_path(config.data.tokenizer)
+    from hibari.data.tokenizer import load_tokenizer
+    path = resolve_path(config.data.tokenizer)
     encoder = SegmentEncoder(load_tokenizer(path))
     check_vocab(encoder, cfg.vocab_size)
     return encoder
@@ -78,18 +77,10 @@ def reader(load: Callable, encoder: SegmentEncoder, template, seq_len: int) -> C
     return lambda paths, skipped: load(paths, encoder, template, seq_len, skipped)
 
 
-def _asset_path(path: str) -> str:
-    """A path as given, else relative to the package root (so configs can name assets)."""
-    if os.path.exists(path):
-        return path
-    candidate = Path(__file__).parent.parent / path
-    return str(candidate) if candidate.exists() else path
-
-
 def _paths(value: Any) -> list[str]:
     if not value:
         return []
-    return [_asset_path(p) for p in ([value] if isinstance(value, str) else list(value))]
+    return [resolve_path(p) for p in ([value] if isinstance(value, str) else list(value))]
 
 
 def in_eval_split(example_id: str, fraction: float, seed: int) -> bool:
@@ -291,7 +282,7 @@ def reward_task(config: ml_collections.ConfigDict) -> Task:
         nonlocal accuracy_fn
         if eval_rows is None:
             return {}
-        from train.sharding import global_batch, replicated, sharding_context
+        from hibari.train.sharding import global_batch, replicated, sharding_context
         if accuracy_fn is None:
             def f(p, b):
                 with sharding_context(mesh, rules):

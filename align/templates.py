@@ -20,13 +20,14 @@ import dataclasses
 import hashlib
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
-from data.tokenizer import CHAT_TOKENS
+from hibari.base.errors import UserError
+from hibari.data.tokenizer import CHAT_TOKENS
 
 SYSTEM, USER, ASSISTANT, END = CHAT_TOKENS  # "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A record does not fit its template; the message names the field."""
 
 

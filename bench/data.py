@@ -36,20 +36,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import emit  # noqa: E402
-
-import data  # noqa: E402
-from data.clean import clean_docs  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data.dedup import MinHasher, NearDedupConfig, dedup_files, near_duplicates  # noqa: E402
-from data.filters import default_filters, filter_docs  # noqa: E402
-from data.loader import PackedLoader  # noqa: E402
-from data.pack import pack_corpus  # noqa: E402
-from data.sources import read_docs, write_jsonl  # noqa: E402
-from data.tokenizer import train_tokenizer  # noqa: E402
+from bench.report import emit  # noqa: E402
+from hibari.data import CORPUS_DIR  # noqa: E402
+from hibari.data.clean import clean_docs  # noqa: E402
+from hibari.data.dedup import MinHasher, NearDedupConfig, dedup_files, near_duplicates  # noqa: E402
+from hibari.data.filters import default_filters, filter_docs  # noqa: E402
+from hibari.data.loader import PackedLoader  # noqa: E402
+from hibari.data.pack import pack_corpus  # noqa: E402
+from hibari.data.sources import read_docs, write_jsonl  # noqa: E402
+from hibari.data.tokenizer import train_tokenizer  # noqa: E402
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus", "*.jsonl.gz")
+CORPUS = os.path.join(CORPUS_DIR, "*.jsonl.gz")
 
 
 def cpu_model() -> str:

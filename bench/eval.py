@@ -35,17 +35,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import emit  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from evaluation.lm import LanguageModel, load_lm  # noqa: E402
-from evaluation.loglikelihood import WIDTH_MULTIPLE, token_scores  # noqa: E402
-from evaluation.runner import evaluate_task  # noqa: E402
-from evaluation.tasks import load_task  # noqa: E402
-from model import ModelConfig, count_params, init  # noqa: E402
-from model.decode import generate  # noqa: E402
+from bench.report import emit  # noqa: E402
+from hibari.evaluation.lm import LanguageModel, load_lm  # noqa: E402
+from hibari.evaluation.loglikelihood import WIDTH_MULTIPLE, token_scores  # noqa: E402
+from hibari.evaluation.runner import evaluate_task  # noqa: E402
+from hibari.evaluation.tasks import load_task  # noqa: E402
+from hibari.model import ModelConfig, count_params, init  # noqa: E402
+from hibari.model.decode import generate  # noqa: E402
 
 SYNTHETIC_CONTEXT = (24, 160)     # tokens, inclusive range: a prompt with a question + choices
 SYNTHETIC_CONTINUATION = (1, 8)   # an answer letter to a short choice
@@ -64,7 +63,7 @@ class RecordingLM(LanguageModel):
 
 
 def synthetic_model(size: str, seed: int = 0):
-    from configs.pretrain.llama import get_config
+    from hibari.configs.pretrain.llama import get_config
     c = get_config(size)
     cfg = ModelConfig.from_dict(c.model.to_dict(), where=f"configs/pretrain/llama.py:{size}")
     return cfg, init(cfg, jax.random.key(seed))

@@ -18,16 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import emit  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs.pretrain.llama import get_config  # noqa: E402
-from model import count_params, flops_per_token  # noqa: E402
-from train.loop import build  # noqa: E402
-from train.metrics import peak_flops_per_device  # noqa: E402
-from train.sharding import global_batch  # noqa: E402
+from bench.report import emit  # noqa: E402
+from hibari.configs.pretrain.llama import get_config  # noqa: E402
+from hibari.model import count_params, flops_per_token  # noqa: E402
+from hibari.train.loop import build  # noqa: E402
+from hibari.train.metrics import peak_flops_per_device  # noqa: E402
+from hibari.train.sharding import global_batch  # noqa: E402
 
 
 def parse_value(text: str):

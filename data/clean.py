@@ -10,7 +10,7 @@ import unicodedata
 from html.parser import HTMLParser
 from typing import Iterable, Iterator
 
-from data.sources import Doc
+from hibari.data.sources import Doc
 
 # Characters NFKC keeps but a corpus wants as one form.
 _WIDTH_MAP = str.maketrans({

@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from data.sources import BadInput, SourceStats, read_docs, write_jsonl
+from hibari.base.errors import UsageError
+from hibari.data.sources import SourceStats, read_docs, write_jsonl
 
 
 def _inputs(p: argparse.ArgumentParser):
@@ -37,9 +38,9 @@ def _dedup_args(p: argparse.ArgumentParser):
 
 
 def _dedup_config(a):
-    from data.dedup import NearDedupConfig
+    from hibari.data.dedup import NearDedupConfig
     if (a.bands is None) != (a.rows is None):
-        raise SystemExit("give both --bands and --rows, or neither")
+        raise UsageError("give both --bands and --rows, or neither")
     return NearDedupConfig(threshold=a.threshold, num_perm=a.num_perm, ngram=a.ngram, unit=a.unit,
                            bands=a.bands, rows=a.rows, verify=not a.no_verify)
 
@@ -50,7 +51,7 @@ def _report_bad(stats: SourceStats):
 
 
 def cmd_clean(a):
-    from data.clean import clean_docs
+    from hibari.data.clean import clean_docs
     stats = SourceStats()
     n = write_jsonl(a.output, clean_docs(read_docs(a.input, a.text_field, stats=stats, strict=a.strict), a.html))
     _report_bad(stats)
@@ -58,7 +59,7 @@ def cmd_clean(a):
 
 
 def cmd_filter(a):
-    from data.filters import FilterStats, default_filters, filter_docs
+    from hibari.data.filters import FilterStats, default_filters, filter_docs
     words = [w.strip() for w in open(a.wordlist, encoding="utf-8") if w.strip()] if a.wordlist else []
     stats, fstats = SourceStats(), FilterStats()
     docs = read_docs(a.input, a.text_field, stats=stats, strict=a.strict)
@@ -71,14 +72,19 @@ def cmd_filter(a):
 
 
 def cmd_dedup(a):
-    from data.dedup import dedup_files
+    from hibari.data.dedup import dedup_files
     result = dedup_files(a.input, a.output, _dedup_config(a), processes=a.processes, text_field=a.text_field,
                          exact=not a.no_exact)
     print(json.dumps(result, indent=1))
 
 
 def cmd_tokenizer(a):
-    from data.tokenizer import expand_tokenizer, load_tokenizer, tokenizer_report, train_tokenizer
+    from hibari.data.tokenizer import (
+        expand_tokenizer,
+        load_tokenizer,
+        tokenizer_report,
+        train_tokenizer,
+    )
     docs = read_docs(a.input, a.text_field, strict=a.strict)
     if a.action == "train":
         sp = train_tokenizer(docs, a.model, vocab_size=a.vocab_size, model_type=a.model_type,
@@ -87,7 +93,7 @@ def cmd_tokenizer(a):
         print(json.dumps({"model": a.model, "vocab_size": sp.get_piece_size()}))
     elif a.action == "expand":
         if not a.base:
-            raise SystemExit("tokenizer expand needs --base BASE.model")
+            raise UsageError("tokenizer expand needs --base BASE.model")
         ex = expand_tokenizer(a.base, docs, a.model, new_vocab_size=a.vocab_size, max_new_pieces=a.max_new_pieces,
                               num_threads=a.threads)
         ex.save_mapping(a.model + ".mapping.json")
@@ -103,12 +109,12 @@ def cmd_tokenizer(a):
 
 
 def cmd_pack(a):
-    from data.pack import pack_corpus
+    from hibari.data.pack import pack_corpus
     sources = {}
     for spec in a.source:
         name, sep, pattern = spec.partition("=")
         if not sep:
-            raise SystemExit(f"--source {spec!r}: write NAME=GLOB, e.g. --source ja='ja/*.jsonl.gz'")
+            raise UsageError(f"--source {spec!r}: write NAME=GLOB, e.g. --source ja='ja/*.jsonl.gz'")
         sources[name] = read_docs(pattern, a.text_field, strict=a.strict)
     manifest = pack_corpus(sources, a.tokenizer, a.out, a.seq_len, a.method, a.rows_per_shard)
     print(json.dumps({n: {k: v for k, v in e.items() if k != "shards"} for n, e in manifest["sources"].items()},
@@ -116,12 +122,12 @@ def cmd_pack(a):
 
 
 def _run_prepare(cfg):
-    from data.pipeline import prepare, summary
+    from hibari.data.pipeline import prepare, summary
     print(summary(prepare(cfg)), end="")
 
 
 def cmd_pipeline(a):
-    from data.pipeline import PrepareConfig
+    from hibari.data.pipeline import PrepareConfig
     _run_prepare(PrepareConfig(inputs=a.input, out=a.out, text_field=a.text_field, html=a.html, strict=a.strict,
                                languages=tuple(a.languages.split(",")), wordlist=a.wordlist,
                                dedup=_dedup_config(a), processes=a.processes, tokenizer_vocab_size=a.vocab_size,
@@ -132,14 +138,16 @@ def load_prepare_config(spec: str, strict: bool = False):
     """`path.py[:arg]` (relative to the cwd, else to the installed package, e.g.
     `configs/data/quickstart.py:runs/data/quickstart`) -> PrepareConfig from its `get_config(arg)`."""
     import dataclasses
-    from data.dedup import NearDedupConfig
-    from data.pipeline import PrepareConfig
-    from train.config_files import load_python_config
-    fields = dict(load_python_config(spec, "--config", SystemExit))
+
+    from hibari.base.config_files import ConfigFileError, load_python_config
+    from hibari.data.dedup import NearDedupConfig
+    from hibari.data.pipeline import PrepareConfig
+    fields = dict(load_python_config(spec, "--config"))
     known = {f.name for f in dataclasses.fields(PrepareConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise SystemExit(f"--config {spec!r}: unknown fields {unknown}; PrepareConfig has {sorted(known)}")
+        raise ConfigFileError(f"--config {spec!r}: unknown fields {unknown}; PrepareConfig has "
+                              f"{sorted(known)}")
     fields["dedup"] = NearDedupConfig(**dict(fields.get("dedup", {})))
     if strict:
         fields["strict"] = True
@@ -243,10 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
 def data_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "seq_len", None) and args.stage == "pipeline" and not args.vocab_size:
-        raise SystemExit("--seq-len needs --vocab-size (packing uses the tokenizer the pipeline trains)")
-    try:
-        args.fn(args)
-    except (BadInput, FileNotFoundError) as e:
-        print(f"hibari data {args.stage}: error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError("--seq-len needs --vocab-size (packing uses the tokenizer the pipeline trains)")
+    args.fn(args)
     return 0

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.sources import Doc, SourceStats, read_docs, expand_paths, write_jsonl
+from hibari.data.sources import Doc, SourceStats, expand_paths, read_docs, write_jsonl
 
 U64 = np.uint64
 _MASK32 = U64(0xFFFFFFFF)

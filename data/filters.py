@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from data.sources import Doc
+from hibari.data.sources import Doc
 
 Filter = Callable[[Doc], "str | None"]
 

@@ -13,12 +13,27 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 import grain
 import numpy as np
 
-from data.pack import positions_from_segments
+from hibari.base.errors import InputNotFound
+from hibari.base.segments import positions_from_segments
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What training reads batches from: this host's batches `{name: array[b, ...]}` (tokens,
+    segment_ids, positions, and whatever a task's loss needs), in an order fixed by the seed, with
+    a position that is saved in each checkpoint and restored on resume. PackedLoader here,
+    hibari.align.data.RowLoader and hibari.train.synthetic.SyntheticTokens implement it."""
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
 
 
 def load_manifests(manifest_or_dirs) -> tuple[dict[str, list[str]], dict[str, int], int]:
@@ -30,7 +45,7 @@ def load_manifests(manifest_or_dirs) -> tuple[dict[str, list[str]], dict[str, in
     for item in map(str, items):
         path = os.path.join(item, "manifest.json") if os.path.isdir(item) else item
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no manifest at {path!r}: pack the corpus first (`hibari data pack`)")
+            raise InputNotFound(f"no manifest at {path!r}: pack the corpus first (`hibari data pack`)")
         with open(path) as f:
             manifest = json.load(f)
         root = os.path.dirname(os.path.abspath(path))

@@ -20,18 +20,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.sources import Doc
+from hibari.base.segments import positions_from_segments  # noqa: F401 (the rows' convention)
+from hibari.data.sources import Doc
 
 Row = tuple[np.ndarray, np.ndarray]  # tokens[t], segment_ids[t]
-
-
-def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
-    """positions[..., t]: index of token t within its segment; 0 on padding."""
-    seg = np.asarray(segment_ids)
-    t = np.arange(seg.shape[-1])
-    starts = np.concatenate([np.ones(seg.shape[:-1] + (1,), bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
-    first = np.maximum.accumulate(np.where(starts, t, 0), axis=-1)
-    return np.where(seg != 0, t - first, 0).astype(np.int32)
 
 
 def with_bos_eos(ids: Iterable[int], bos_id: int, eos_id: int) -> np.ndarray:
@@ -159,7 +151,8 @@ def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir:
     A source whose `<source>.done.json` matches seq_len, tokenizer and split is not redone (an
     interrupted run resumes)."""
     from tqdm import tqdm
-    from data.tokenizer import file_sha256, load_tokenizer
+
+    from hibari.data.tokenizer import file_sha256, load_tokenizer
     sp = load_tokenizer(tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
     manifest = {"version": 1, "seq_len": seq_len, "method": method, "split": split,

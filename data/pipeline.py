@@ -16,10 +16,10 @@ import os
 import zlib
 from dataclasses import asdict, dataclass, field
 
-from data.clean import clean_docs
-from data.dedup import NearDedupConfig, dedup_files
-from data.filters import FilterStats, default_filters, filter_docs
-from data.sources import SourceStats, expand_paths, read_docs, write_jsonl
+from hibari.data.clean import clean_docs
+from hibari.data.dedup import NearDedupConfig, dedup_files
+from hibari.data.filters import FilterStats, default_filters, filter_docs
+from hibari.data.sources import SourceStats, expand_paths, read_docs, write_jsonl
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _pack_splits(cfg: PrepareConfig, corpus: str) -> dict:
     """Pack training documents into `out/packed/` and held-out ones into `out/packed-heldout/`
     (same tokenizer and seq_len). Returns report entries: per-source counts under "pack" and
     "pack_heldout", the two directories under "packed_dirs"."""
-    from data.pack import pack_corpus
+    from hibari.data.pack import pack_corpus
     model = os.path.join(cfg.out, "tokenizer.model")
     names: dict[bool, set] = {False: set(), True: set()}
     for d in read_docs(corpus):
@@ -124,7 +124,7 @@ def prepare(cfg: PrepareConfig) -> dict:
               "totals": _totals(shard_stats, dedup)}
 
     if cfg.tokenizer_vocab_size:
-        from data.tokenizer import load_tokenizer, tokenizer_report, train_tokenizer
+        from hibari.data.tokenizer import load_tokenizer, tokenizer_report, train_tokenizer
         model = os.path.join(cfg.out, "tokenizer.model")
         train = split_docs(corpus, cfg.heldout_every, heldout=False)
         if os.path.exists(model):  # finished by an earlier run

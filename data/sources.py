@@ -17,10 +17,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from hibari.base.errors import InputNotFound, UserError
+
 Doc = dict[str, Any]  # {"id": str, "text": str, "meta": dict}
 
 
-class BadInput(ValueError):
+class BadInput(UserError, ValueError):
     """A record that cannot be read; the message names the file, line/field and the fix."""
 
 
@@ -47,7 +49,7 @@ def expand_paths(patterns: str | Iterable[str]) -> list[str]:
         matched = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matched = [p for p in matched if os.path.isfile(p)]
         if not matched:
-            raise FileNotFoundError(f"no input file matches {pattern!r}: check the path or glob")
+            raise InputNotFound(f"no input file matches {pattern!r}: check the path or glob")
         paths += matched
     return paths
 

@@ -21,7 +21,8 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from data.sources import Doc
+from hibari.base.errors import InputNotFound
+from hibari.data.sources import Doc
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -69,7 +70,7 @@ def train_tokenizer(docs: Iterable[Doc], model_path: str, vocab_size: int = 8000
 
 def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
     if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"no SentencePiece model at {model_path!r}: train one with `hibari data tokenizer train`")
+        raise InputNotFound(f"no SentencePiece model at {model_path!r}: train one with `hibari data tokenizer train`")
     return spm.SentencePieceProcessor(model_file=model_path)
 
 

@@ -13,16 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _known_errors():
-    from evaluation.formats import FormatError
-    from evaluation.tasks import TaskError
-    from evaluation.tokenizer import TokenizerError
-    from model.config import ConfigError
-    from model.hf import HFFormatError
-    from train.checkpoint import CheckpointError
-    return (FormatError, TaskError, TokenizerError, ConfigError, HFFormatError, CheckpointError,
-            FileNotFoundError)
+from hibari.base.errors import InputNotFound, UsageError
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -39,7 +30,7 @@ def _split(names):
 
 
 def eval_main(argv=None) -> int:
-    from evaluation.tasks import list_tasks
+    from hibari.evaluation.tasks import list_tasks
     p = argparse.ArgumentParser(prog="hibari eval", description="evaluate a checkpoint on tasks")
     _model_args(p)
     p.add_argument("--tasks", nargs="+", help=f"vendored names or YAML files: {list_tasks()}")
@@ -57,33 +48,29 @@ def eval_main(argv=None) -> int:
         p.error("--tasks is required")
     templates = args.templates if args.templates in ("default", "all") else \
         [int(i) for i in args.templates.split(",")]
-    try:
-        from evaluation.lm import load_lm
-        from evaluation.report import markdown_table, write_results
-        from evaluation.runner import evaluate_task
-        from evaluation.tasks import load_task
-        tasks = [load_task(n) for n in _split(args.tasks)]
-        for t in tasks:
-            t.examples()  # validate every file before loading the model
-        t0 = time.perf_counter()
-        lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
-                     max_len=args.max_len)
-        load_s = time.perf_counter() - t0
-        results = []
-        for t in tasks:
-            r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
-                              limit=args.limit, calibrate=args.calibrate,
-                              permute=args.permute_choices)
-            print(f"{t.name}: {json.dumps(r['metrics'])} ({r['seconds']} s)", file=sys.stderr)
-            results.append(r)
-        meta = {"checkpoint": str(args.checkpoint), "tokenizer": lm.tokenizer.name,
-                "batch_size": args.batch_size, "fewshot": args.fewshot,
-                "templates": args.templates, "load_seconds": round(load_s, 2),
-                "model": lm.cfg.to_dict()}
-        json_path, md_path = write_results(args.out, results, meta)
-    except _known_errors() as e:
-        print(f"hibari eval: error: {e}", file=sys.stderr)
-        return 2
+    from hibari.evaluation.lm import load_lm
+    from hibari.evaluation.report import markdown_table, write_results
+    from hibari.evaluation.runner import evaluate_task
+    from hibari.evaluation.tasks import load_task
+    tasks = [load_task(n) for n in _split(args.tasks)]
+    for t in tasks:
+        t.examples()  # validate every file before loading the model
+    t0 = time.perf_counter()
+    lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
+                 max_len=args.max_len)
+    load_s = time.perf_counter() - t0
+    results = []
+    for t in tasks:
+        r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
+                          limit=args.limit, calibrate=args.calibrate,
+                          permute=args.permute_choices)
+        print(f"{t.name}: {json.dumps(r['metrics'])} ({r['seconds']} s)", file=sys.stderr)
+        results.append(r)
+    meta = {"checkpoint": str(args.checkpoint), "tokenizer": lm.tokenizer.name,
+            "batch_size": args.batch_size, "fewshot": args.fewshot,
+            "templates": args.templates, "load_seconds": round(load_s, 2),
+            "model": lm.cfg.to_dict()}
+    json_path, md_path = write_results(args.out, results, meta)
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
@@ -92,6 +79,8 @@ def eval_main(argv=None) -> int:
 def _read_prompts(path: str | None) -> list[str]:
     """One prompt per line of a text file / stdin, or JSONL with a "prompt" field; a literal
     "\\n" inside a line is a line break."""
+    if path and not Path(path).is_file():
+        raise InputNotFound(f"--prompts {path}: no such file")
     text = Path(path).read_text(encoding="utf-8") if path else sys.stdin.read()
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -101,7 +90,7 @@ def _read_prompts(path: str | None) -> list[str]:
             try:
                 prompts.append(json.loads(line)["prompt"])
             except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{path or '<stdin>'}:{n}: a JSON line needs a 'prompt' "
+                raise UsageError(f"{path or '<stdin>'}:{n}: a JSON line needs a 'prompt' "
                                  f"field ({e})") from e
         else:
             prompts.append(line.replace("\\n", "\n"))
@@ -121,21 +110,17 @@ def generate_main(argv=None) -> int:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--jsonl", action="store_true", help="print {prompt, completion} lines")
     args = p.parse_args(argv)
-    try:
-        prompts = _read_prompts(args.prompts)
-        if not prompts:
-            raise ValueError("no prompts given (use --prompts FILE or pipe them on stdin)")
-        from evaluation.lm import load_lm
-        lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
-                     max_len=args.max_len)
-        t0 = time.perf_counter()
-        outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed)
-        seconds = time.perf_counter() - t0
-    except _known_errors() + (ValueError,) as e:
-        print(f"hibari generate: error: {e}", file=sys.stderr)
-        return 2
+    prompts = _read_prompts(args.prompts)
+    if not prompts:
+        raise UsageError("no prompts given (use --prompts FILE or pipe them on stdin)")
+    from hibari.evaluation.lm import load_lm
+    lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
+                 max_len=args.max_len)
+    t0 = time.perf_counter()
+    outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed)
+    seconds = time.perf_counter() - t0
     for prompt, out in zip(prompts, outs):
         print(json.dumps({"prompt": prompt, "completion": out}, ensure_ascii=False)
               if args.jsonl else out)

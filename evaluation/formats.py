@@ -18,10 +18,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable
 
+from hibari.base.errors import UserError
+
 LETTERS = "ABCDEFGHIJ"
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A data file does not have the expected format."""
 
 

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 
 import jax
 
-from evaluation.lm import LanguageModel
-from evaluation.runner import evaluate_task
-from evaluation.tasks import load_task
-from evaluation.tokenizer import EvalTokenizer, load_tokenizer
-from model import ModelConfig
+from hibari.evaluation.lm import LanguageModel
+from hibari.evaluation.runner import evaluate_task
+from hibari.evaluation.tasks import load_task
+from hibari.evaluation.tokenizer import EvalTokenizer, load_tokenizer
+from hibari.model import ModelConfig
 
 
 def make_eval_hook(task_names: Sequence[str], tokenizer: EvalTokenizer | str, cfg: ModelConfig,

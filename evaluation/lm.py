@@ -10,10 +10,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from evaluation.loglikelihood import rolling_windows, token_scores
-from evaluation.tokenizer import EvalTokenizer, load_tokenizer, tokenizer_for_checkpoint
-from model import ModelConfig
-from model.decode import generate as generate_tokens
+from hibari.evaluation.loglikelihood import rolling_windows, token_scores
+from hibari.evaluation.tokenizer import (
+    EvalTokenizer,
+    TokenizerError,
+    load_tokenizer,
+    tokenizer_for_checkpoint,
+)
+from hibari.model import ModelConfig
+from hibari.model.decode import generate as generate_tokens
 
 
 @dataclasses.dataclass
@@ -27,9 +32,9 @@ class LanguageModel:
     def __post_init__(self):
         self.max_len = self.max_len or self.cfg.max_seq_len
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
-            raise ValueError(f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} "
-                             f"ids but the model only {self.cfg.vocab_size}; pass the tokenizer "
-                             "the model was trained with (--tokenizer)")
+            raise TokenizerError(f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} "
+                                 f"ids but the model only {self.cfg.vocab_size}; pass the "
+                                 "tokenizer the model was trained with (--tokenizer)")
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         """[(sum log p(continuation | context), greedy, continuation tokens), ...]."""
@@ -88,14 +93,14 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def load_lm(checkpoint: str | Path, tokenizer: str | Path | None = None, *,
             batch_size: int = 8, max_len: int | None = None) -> LanguageModel:
-    """Parameters from any checkpoint kind `train.checkpoint.load_params` reads, or a llama
+    """Parameters from any checkpoint kind `hibari.model.params_io.load_params` reads, or a llama
     GGUF file (`model.gguf`); the tokenizer from `tokenizer` or found beside the checkpoint."""
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".gguf":
-        from model.gguf import import_gguf
+        from hibari.model.gguf import import_gguf
         cfg, params = import_gguf(checkpoint)
     else:
-        from train.checkpoint import load_params
+        from hibari.model.params_io import load_params
         cfg, params = load_params(checkpoint)
     tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(checkpoint)
     return LanguageModel(cfg, params, tok, batch_size=batch_size, max_len=max_len)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import ModelConfig, apply
-from train.losses import token_log_probs
+from hibari.model import ModelConfig, apply
+from hibari.model.logprobs import token_log_probs
 
 Request = tuple[Sequence[int], Sequence[int]]
 WIDTH_MULTIPLE = 16

@@ -17,14 +17,22 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluation import calibration, metrics as text_metrics
-from evaluation.lm import LanguageModel
-from evaluation.loglikelihood import perplexity_stats
-from evaluation.passk import pass_at_k
-from evaluation.sandbox import humaneval_program, run_program
-from evaluation.tasks import (TaskError, TaskSpec, Template, build_context, render_target,
-                              select_fewshot, validate_examples)
-from evaluation.tokenizer import utf8_len
+from hibari.evaluation import calibration
+from hibari.evaluation import metrics as text_metrics
+from hibari.evaluation.lm import LanguageModel
+from hibari.evaluation.loglikelihood import perplexity_stats
+from hibari.evaluation.passk import pass_at_k
+from hibari.evaluation.sandbox import humaneval_program, run_program
+from hibari.evaluation.tasks import (
+    TaskError,
+    TaskSpec,
+    Template,
+    build_context,
+    render_target,
+    select_fewshot,
+    validate_examples,
+)
+from hibari.evaluation.tokenizer import utf8_len
 
 CONTENT_FIELDS = ("question", "passage", "context", "sentence1", "sentence2", "document")
 
@@ -118,7 +126,7 @@ def run_generate(lm, task, template, examples, pool, k):
 
 
 def run_perplexity(lm, task, template, examples, window=None, stride=None):
-    from evaluation.tasks import render_prompt
+    from hibari.evaluation.tasks import render_prompt
     texts = [render_prompt(task, template, e) for e in examples]
     scored = lm.rolling_loglikelihood(texts, window or task.window, stride or task.stride)
     records = [{"id": e["id"], "logp": lp, "tokens": n, "bytes": utf8_len(t)}

@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from typing import Sequence
 
-from evaluation.metrics import exact_match
+from hibari.evaluation.metrics import exact_match
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 

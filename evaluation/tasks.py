@@ -24,13 +24,15 @@ from typing import Any
 
 import yaml
 
-from evaluation.formats import LETTERS, READERS, FormatError, read_examples
+from hibari.base.errors import UserError
+from hibari.base.resources import resource_path
+from hibari.evaluation.formats import LETTERS, READERS, FormatError, read_examples
 
-TASK_DIR = Path(__file__).parent / "tasks"
+TASK_DIR = resource_path("hibari.evaluation", "tasks")  # the vendored task files
 KINDS = {"choice": "choice", "generate": "qa", "perplexity": "text", "code": "code"}
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task file is invalid; the message names the file and field."""
 
 

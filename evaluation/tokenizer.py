@@ -16,8 +16,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from hibari.base.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
     """No tokenizer could be found or loaded; the message says where it looked."""
 
 

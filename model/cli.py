@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from model.config import DTYPES
+from hibari.model.config import DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,22 +31,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def convert_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Heavy imports only once the arguments are known to be well formed.
-    from model.config import ConfigError
-    from model.hf import HFFormatError
-    from train.checkpoint import CheckpointError
-
-    try:
-        _convert(args)
-    except (ConfigError, HFFormatError, CheckpointError) as e:
-        print(f"hibari convert: error: {e}", file=sys.stderr)
-        return 1
+    _convert(args)
     return 0
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from model.hf import export_hf, import_hf
-    from train.checkpoint import load_params, save_params
+    from hibari.model.hf import export_hf, import_hf
+    from hibari.model.params_io import load_params, save_params
 
     if args.from_hf:
         cfg, params = import_hf(args.from_hf, scan_layers=not args.no_scan, dtype=args.dtype,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from model.config import ModelConfig
+from hibari.model.config import ModelConfig
 
 
 class ParamCount(NamedTuple):

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
-from model.transformer import Transformer
+from hibari.base.errors import UsageError
+from hibari.model.config import ModelConfig
+from hibari.model.transformer import Transformer
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
@@ -69,13 +70,13 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     """New tokens for each prompt (ending before the first eos; `stop(row, tokens)` returning
     True ends a row early, e.g. when a stop string appears in its decoded text)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        raise UsageError("generate: every prompt needs at least one token (e.g. BOS)")
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     width = _bucket(int(lengths.max()))  # bucketed prompt width limits recompilation
     total = width + max_new_tokens
     if cfg.position == "learned" and int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"generate: prompt + max_new_tokens exceeds max_seq_len={cfg.max_seq_len}")
+        raise UsageError(f"generate: prompt + max_new_tokens exceeds max_seq_len={cfg.max_seq_len}")
     tokens = np.full((b, width), pad_id, np.int32)
     segments = np.zeros((b, width), np.int32)
     positions = np.zeros((b, width), np.int32)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ConfigError, ModelConfig
-from model.hf import HFFormatError, params_from_tensors
+from hibari.model.config import ConfigError, ModelConfig
+from hibari.model.hf import HFFormatError, params_from_tensors
 
 LAYER_NAMES = {  # GGUF blk.{i}.<name>.weight -> HF model.layers.{i}.<name>.weight
     "attn_norm": "input_layernorm",

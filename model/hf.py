@@ -29,8 +29,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model.config import ConfigError, ModelConfig, RopeScaling
-from model.transformer import param_shapes
+from hibari.base.errors import UserError
+from hibari.model.config import ConfigError, ModelConfig, RopeScaling
+from hibari.model.transformer import param_shapes
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2"}
@@ -39,7 +40,7 @@ INDEX = "model.safetensors.index.json"
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """A Hugging Face checkpoint can't be converted; the message names the file and tensor."""
 
 

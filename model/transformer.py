@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax.core import meta
 from jax.ad_checkpoint import checkpoint_name
 
-from model.config import ModelConfig
+from hibari.base.segments import positions_from_segments
+from hibari.model.config import ModelConfig
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -41,16 +42,6 @@ def _param_init(std: float, axes: tuple[str, ...]):
 # ---------------------------------------------------------------------------------------------
 # Positions and masks
 # ---------------------------------------------------------------------------------------------
-
-def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
-    """positions[b, t]: index of each token within its (contiguous) segment."""
-    t = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[..., :1], dtype=bool),
-         segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
-    start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
-    return t - start_index
-
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_positions=None, kv_positions=None):
     """mask[b, 1, tq, tk]: causal within a segment. Causality is by index when positions are
@@ -328,7 +319,7 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
         if positions is None:
-            positions = positions_from_segments(segment_ids)
+            positions = positions_from_segments(segment_ids, jnp)
         x = self.embed_tokens(tokens, positions)
         x, _ = self.run_layers(x, attention_mask(segment_ids, segment_ids), positions)
         return self.final_norm(x)

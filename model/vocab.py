@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 
-from model.config import ConfigError, ModelConfig
+from hibari.model.config import ConfigError, ModelConfig
 
 
 def _grow_rows(table, new_rows: int, sources: Mapping[int, Sequence[int]] | None, old: int):

@@ -8,14 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align import losses, preference, reward, sft
-from align.data import AlignDataError, RowLoader, SegmentEncoder
-from align.templates import (ASSISTANT, END, TEMPLATES, TemplateError, flan_instructions,
-                             get_template)
-from data.tokenizer import load_tokenizer
-from model import ModelConfig, apply, hidden, init
-from train.losses import next_token_targets, token_log_probs
-
+from hibari.align import losses, preference, reward, sft
+from hibari.align.data import AlignDataError, RowLoader, SegmentEncoder
+from hibari.align.templates import (
+    ASSISTANT,
+    END,
+    TEMPLATES,
+    TemplateError,
+    flan_instructions,
+    get_template,
+)
+from hibari.data.tokenizer import load_tokenizer
+from hibari.model import ModelConfig, apply, hidden, init
+from hibari.train.losses import next_token_targets, token_log_probs
 
 # --- numpy transcriptions of the papers' formulas ------------------------------------------------
 

@@ -8,13 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from align import cli, tasks
-from align.configs_common import base_config
-from align.reward import load_reward_model, score
-from data.tokenizer import load_tokenizer
-from train.loop import build, train
-from train.metrics import read_metrics
-from train.sharding import global_batch
+import hibari.cli
+from hibari.align import cli, tasks
+from hibari.align.reward import load_reward_model, score
+from hibari.configs.base import align_config
+from hibari.data.tokenizer import load_tokenizer
+from hibari.train.loop import build, train
+from hibari.train.metrics import read_metrics
+from hibari.train.sharding import global_batch
 
 ROOT = Path(__file__).parent.parent
 TOKENIZER = str(ROOT / "align" / "assets" / "seed_sp.model")
@@ -38,7 +39,7 @@ def synthetic_pairs(path: Path, n: int, seed: int) -> None:
 
 
 def tiny_config(tmp_path, steps, **fields):
-    c = base_config("test", steps=steps, seq_len=64, batch_size=16, lr=3e-3)
+    c = align_config("test", steps=steps, seq_len=64, batch_size=16, lr=3e-3)
     c.model.update(vocab_size=1024, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
                    head_dim=16, d_ff=64)
     synthetic_pairs(tmp_path / "train.jsonl", 512, seed=0)
@@ -161,9 +162,10 @@ def test_cli_sft_resumes_then_dpo_and_reward_chain(tmp_path):
     assert r.shape == (2,) and np.all(np.isfinite(r)) and r[0] != r[1]
 
 
-def test_cli_reports_bad_config_without_traceback(tmp_path):
+def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     argv = ["--config=" + str(ROOT / "configs/dpo/pairs.py"), "--workdir", str(tmp_path),
             "--config.data.train_path=" + str(tmp_path / "missing.jsonl")]
-    with pytest.raises(SystemExit, match="missing.jsonl: cannot read") as exit_:
-        cli.dpo_main(argv)
-    assert "Traceback" not in str(exit_.value)
+    assert hibari.cli.main(["dpo", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "hibari dpo: error:" in err and "missing.jsonl: cannot read" in err
+    assert "Traceback" not in err

@@ -8,12 +8,13 @@ import zlib
 import numpy as np
 import pytest
 
-import data
-import hibari
-from data.sources import expand_paths, read_docs
-from data.tokenizer import load_tokenizer
+import hibari.cli
+from hibari.base.config_files import ConfigFileError
+from hibari.data import CORPUS_DIR
+from hibari.data.sources import expand_paths, read_docs
+from hibari.data.tokenizer import load_tokenizer
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus")
+CORPUS = str(CORPUS_DIR)
 
 
 def sample(lang, every):
@@ -33,7 +34,7 @@ def test_dedup_contract(tmp_path, capsys):
     copy = {"id": "copy-of-" + docs[3]["id"], "text": docs[3]["text"] + " Amen.", "meta": {"url": "x"}}
     write(tmp_path / "in.jsonl", docs + [copy])
     out = tmp_path / "out.jsonl"
-    rc = hibari.main(["data", "dedup", "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+    rc = hibari.cli.main(["data", "dedup", "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
                       "--threshold", "0.8", "--ngram", "5", "--bands", "16", "--rows", "8"])
     assert rc == 0
     kept = [json.loads(l) for l in open(out, encoding="utf-8")]
@@ -55,7 +56,7 @@ def test_pipeline_end_to_end_and_restart(tmp_path):
     out = tmp_path / "prepared"
     argv = ["data", "pipeline", "--input", str(raw / "*.jsonl"), "--out", str(out), "--vocab-size", "1600",
             "--seq-len", "128", "--method", "best_fit"]
-    assert hibari.main(argv) == 0
+    assert hibari.cli.main(argv) == 0
     report = json.load(open(out / "report.json"))
     t = report["totals"]
     assert t["read_docs"] == len(sample("en", 4)) + len(sample("ja", 6))
@@ -74,7 +75,7 @@ def test_pipeline_end_to_end_and_restart(tmp_path):
     finished = [d / f for d in (out / "filtered", out / "packed", out / "packed-heldout") for f in os.listdir(d)
                 if f != "manifest.json"]  # the manifest is rewritten; shards are not
     stamps = {f: os.path.getmtime(f) for f in finished}
-    assert hibari.main(argv) == 0  # a restart redoes no finished shard
+    assert hibari.cli.main(argv) == 0  # a restart redoes no finished shard
     assert stamps == {f: os.path.getmtime(f) for f in finished}
     assert json.load(open(out / "report.json"))["totals"] == t
 
@@ -112,11 +113,11 @@ def check_heldout_split(out, report):
 
 @pytest.mark.parametrize("where", ["repo", "elsewhere"])
 def test_prepare_config_resolves_from_the_repo_and_the_installed_package(where, tmp_path, monkeypatch):
-    from data.cli import load_prepare_config
+    from hibari.data.cli import load_prepare_config
     if where == "elsewhere":
         monkeypatch.chdir(tmp_path)  # no configs/ here: found through the installed package
     else:
-        monkeypatch.chdir(os.path.dirname(os.path.dirname(data.__file__)))
+        monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = load_prepare_config("configs/data/quickstart.py:" + str(tmp_path / "out"), strict=True)
     assert cfg.out == str(tmp_path / "out") and cfg.strict and cfg.heldout_every == 20
     assert sorted(map(os.path.basename, expand_paths(cfg.inputs))) == ["en.jsonl.gz", "ja.jsonl.gz"]
@@ -124,17 +125,17 @@ def test_prepare_config_resolves_from_the_repo_and_the_installed_package(where, 
 
 
 def test_prepare_config_errors_name_the_file(tmp_path):
-    from data.cli import load_prepare_config
-    with pytest.raises(SystemExit, match="nowhere.py' not found"):
+    from hibari.data.cli import load_prepare_config
+    with pytest.raises(ConfigFileError, match="nowhere.py' not found"):
         load_prepare_config("configs/data/nowhere.py")
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(arg=None):\n    return {'inputs': [], 'out': 'x', 'seqlen': 8}\n")
-    with pytest.raises(SystemExit, match=r"bad.py.*unknown fields \['seqlen'\]"):
+    with pytest.raises(ConfigFileError, match=r"bad.py.*unknown fields \['seqlen'\]"):
         load_prepare_config(str(bad))
 
 
 def test_prepare_flags_override_the_config_file():
-    from data.cli import build_parser, prepare_config_from_args
+    from hibari.data.cli import build_parser, prepare_config_from_args
     spec = "configs/data/quickstart.py:out/x"
     base = prepare_config_from_args(build_parser().parse_args(["prepare", "--config", spec]))
     assert (base.tokenizer_vocab_size, base.seq_len, base.tokenizer_character_coverage) == \
@@ -150,20 +151,20 @@ def test_prepare_flags_override_the_config_file():
 def test_strict_stops_at_bad_input_naming_file_and_line(tmp_path, capsys):
     write(tmp_path / "in.jsonl", sample("en", 40), extra_lines=['{"id": "x", "body": "no text field"}'])
     n = len(sample("en", 40))
-    rc = hibari.main(["data", "clean", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+    rc = hibari.cli.main(["data", "clean", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                       "--strict"])
     assert rc == 1
     err = capsys.readouterr().err
     assert f"in.jsonl:{n + 1}: missing field 'text'" in err and "--text-field" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # nothing half-written left behind
-    assert hibari.main(["data", "clean", "--input", str(tmp_path / "in.jsonl"), "--output",
+    assert hibari.cli.main(["data", "clean", "--input", str(tmp_path / "in.jsonl"), "--output",
                         str(tmp_path / "o.jsonl")]) == 0
     assert len(list(read_docs(str(tmp_path / "o.jsonl")))) == n
 
 
 def test_help_lists_stages(capsys):
     with pytest.raises(SystemExit):
-        hibari.main(["data", "--help"])
+        hibari.cli.main(["data", "--help"])
     out = capsys.readouterr().out
     for stage in ("clean", "filter", "dedup", "tokenizer", "pack", "pipeline", "prepare"):
         assert stage in out

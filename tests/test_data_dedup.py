@@ -7,12 +7,24 @@ import re
 import numpy as np
 import pytest
 
-import data
-from data.dedup import (MinHasher, NearDedupConfig, band_keys, choose_bands, dedup_files, estimate_jaccard,
-                        exact_dedup, implied_threshold, near_dedup_docs, near_duplicates, s_curve, shingle_hashes)
-from data.sources import read_docs
+from hibari.data import CORPUS_DIR
+from hibari.data.dedup import (
+    MinHasher,
+    NearDedupConfig,
+    band_keys,
+    choose_bands,
+    dedup_files,
+    estimate_jaccard,
+    exact_dedup,
+    implied_threshold,
+    near_dedup_docs,
+    near_duplicates,
+    s_curve,
+    shingle_hashes,
+)
+from hibari.data.sources import read_docs
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus")
+CORPUS = str(CORPUS_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +139,7 @@ def test_clusters_keep_their_first_document(english):
     shout = {**a, "id": "a-upper", "text": a["text"].upper()}        # same after case folding
     b2 = {**b, "id": "b-edit", "text": b["text"].replace("Naomi", "Noemi", 1)}
     stats_docs = [a, b, c, shout, b2]
-    from data.dedup import DedupStats
+    from hibari.data.dedup import DedupStats
     stats = DedupStats()
     kept = near_dedup_docs(stats_docs, NearDedupConfig(threshold=0.8), stats)
     assert [d["id"] for d in kept] == [a["id"], b["id"], c["id"]]

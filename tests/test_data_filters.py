@@ -3,14 +3,25 @@ import os
 
 import pytest
 
-import data
-from data.clean import clean_docs
-from data.filters import (FilterStats, compile_wordlist, default_filters, detect_language, duplicate_fractions,
-                          duplicate_ngram_char_fraction, filter_docs, gopher_quality, gopher_repetition,
-                          japanese_quality, top_ngram_char_fraction, wordlist_filter)
-from data.sources import read_docs
+from hibari.data import CORPUS_DIR
+from hibari.data.clean import clean_docs
+from hibari.data.filters import (
+    FilterStats,
+    compile_wordlist,
+    default_filters,
+    detect_language,
+    duplicate_fractions,
+    duplicate_ngram_char_fraction,
+    filter_docs,
+    gopher_quality,
+    gopher_repetition,
+    japanese_quality,
+    top_ngram_char_fraction,
+    wordlist_filter,
+)
+from hibari.data.sources import read_docs
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus")
+CORPUS = str(CORPUS_DIR)
 
 
 @pytest.fixture(scope="module")

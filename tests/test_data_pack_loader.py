@@ -7,14 +7,14 @@ import zlib
 import numpy as np
 import pytest
 
-import data
-from data.clean import clean_docs
-from data.loader import PackedLoader
-from data.pack import first_fit_decreasing, pack_corpus, pack_rows, positions_from_segments
-from data.sources import read_docs
-from data.tokenizer import load_tokenizer, train_tokenizer
+from hibari.data import CORPUS_DIR
+from hibari.data.clean import clean_docs
+from hibari.data.loader import PackedLoader
+from hibari.data.pack import first_fit_decreasing, pack_corpus, pack_rows, positions_from_segments
+from hibari.data.sources import read_docs
+from hibari.data.tokenizer import load_tokenizer, train_tokenizer
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus")
+CORPUS = str(CORPUS_DIR)
 SEQ = 64
 
 

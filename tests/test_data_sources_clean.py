@@ -1,15 +1,14 @@
 """Sources (formats, compression, bad records) and cleaning, on vendored text and hand examples."""
 import gzip
-import json
 import os
 
 import pytest
 
-import data
-from data.clean import clean_text, html_to_text, normalize_whitespace, unify_width
-from data.sources import BadInput, SourceStats, read_docs, write_jsonl
+from hibari.data import CORPUS_DIR
+from hibari.data.clean import clean_text, html_to_text, normalize_whitespace, unify_width
+from hibari.data.sources import BadInput, SourceStats, read_docs, write_jsonl
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus")
+CORPUS = str(CORPUS_DIR)
 
 
 def vendored(lang, n=None):

@@ -6,13 +6,23 @@ import zlib
 
 import pytest
 
-import data
-from data.clean import clean_docs
-from data.sources import read_docs
-from data.tokenizer import (BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, UNK_ID, expand_tokenizer, load_proto,
-                            load_tokenizer, tokenizer_report, train_tokenizer)
+from hibari.data import CORPUS_DIR
+from hibari.data.clean import clean_docs
+from hibari.data.sources import read_docs
+from hibari.data.tokenizer import (
+    BOS_ID,
+    CHAT_TOKENS,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    expand_tokenizer,
+    load_proto,
+    load_tokenizer,
+    tokenizer_report,
+    train_tokenizer,
+)
 
-CORPUS = os.path.join(os.path.dirname(data.__file__), "assets", "corpus")
+CORPUS = str(CORPUS_DIR)
 
 
 def split(lang, heldout, every=10):

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig, apply, init
-from model.decode import decode_step, generate, init_cache, sample
+from hibari.model import ModelConfig, apply, init
+from hibari.model.decode import decode_step, generate, init_cache, sample
 
 BASE = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                    max_seq_len=64)

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data.tokenizer import train_tokenizer
-from evaluation.cli import eval_main, generate_main
-from evaluation.hooks import make_eval_hook
-from model import ModelConfig, init
-from train.checkpoint import save_params
+import hibari.cli
+from hibari.data import CORPUS_DIR
+from hibari.data.tokenizer import train_tokenizer
+from hibari.evaluation.cli import eval_main, generate_main
+from hibari.evaluation.hooks import make_eval_hook
+from hibari.model import ModelConfig, init
+from hibari.train.checkpoint import save_params
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
 
     def docs():
-        with gzip.open("data/assets/corpus/en.jsonl.gz", "rt", encoding="utf-8") as f:
+        with gzip.open(CORPUS_DIR / "en.jsonl.gz", "rt", encoding="utf-8") as f:
             for line in itertools.islice(f, 40):
                 yield {"id": "x", "text": json.loads(line)["text"][:1500]}
     train_tokenizer(docs(), str(root / "tok.model"), vocab_size=400,
@@ -64,8 +66,10 @@ def test_eval_cli_writes_json_with_records_and_a_markdown_table(checkpoint, tmp_
 
 def test_eval_cli_reports_bad_task_without_traceback(checkpoint, capsys):
     root, _, _ = checkpoint
-    assert eval_main(["--checkpoint", str(root / "export"), "--tasks", "no_such_task"]) == 2
-    assert "no_such_task" in capsys.readouterr().err
+    assert hibari.cli.main(["eval", "--checkpoint", str(root / "export"), "--tasks",
+                            "no_such_task"]) == 1
+    err = capsys.readouterr().err
+    assert "hibari eval: error:" in err and "no_such_task" in err and "Traceback" not in err
 
 
 def test_generate_cli_reads_prompts_from_a_file_and_stdin(checkpoint, tmp_path, capsys,

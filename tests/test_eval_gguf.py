@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from evaluation.lm import load_lm
-from evaluation.runner import evaluate_task
-from evaluation.tasks import load_task
+from hibari.evaluation.lm import load_lm
+from hibari.evaluation.runner import evaluate_task
+from hibari.evaluation.tasks import load_task
 
 GGUF = os.environ.get("HIBARI_GGUF")
 pytestmark = [pytest.mark.gguf,

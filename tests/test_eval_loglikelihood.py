@@ -7,19 +7,20 @@ import jax
 import numpy as np
 import pytest
 
-from data.tokenizer import train_tokenizer
-from evaluation import loglikelihood_tokens, rolling_windows
-from evaluation.lm import LanguageModel
-from evaluation.loglikelihood import rolling_loglikelihood
-from evaluation.runner import evaluate_task
-from evaluation.tasks import load_task
-from evaluation.tokenizer import SentencePieceTokenizer
-from model import ModelConfig, apply, init
+from hibari.data import CORPUS_DIR
+from hibari.data.tokenizer import train_tokenizer
+from hibari.evaluation import loglikelihood_tokens, rolling_windows
+from hibari.evaluation.lm import LanguageModel
+from hibari.evaluation.loglikelihood import rolling_loglikelihood
+from hibari.evaluation.runner import evaluate_task
+from hibari.evaluation.tasks import load_task
+from hibari.evaluation.tokenizer import SentencePieceTokenizer
+from hibari.model import ModelConfig, apply, init
 
 
 def _corpus():
     for name in ("en", "ja"):
-        with gzip.open(f"data/assets/corpus/{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+        with gzip.open(CORPUS_DIR / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
             for line in itertools.islice(f, 40):
                 doc = json.loads(line)
                 yield {"id": doc["id"], "text": doc["text"][:1500]}

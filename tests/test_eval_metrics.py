@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from evaluation import pass_at_k
-from evaluation.calibration import batch_calibrate, choice_probs, contextual_calibrate
-from evaluation.formats import FormatError, read_examples
-from evaluation.judge import judge_pairs, summarize
-from evaluation.metrics import char_f1, exact_match, rouge_l
-from evaluation.runner import spread
-from evaluation.slick import slick_category
-from evaluation.tasks import TaskError, list_tasks, load_task
+from hibari.evaluation.tasks import TASK_DIR
+from hibari.evaluation import pass_at_k
+from hibari.evaluation.calibration import batch_calibrate, choice_probs, contextual_calibrate
+from hibari.evaluation.formats import FormatError, read_examples
+from hibari.evaluation.judge import judge_pairs, summarize
+from hibari.evaluation.metrics import char_f1, exact_match, rouge_l
+from hibari.evaluation.runner import spread
+from hibari.evaluation.slick import slick_category
+from hibari.evaluation.tasks import TaskError, list_tasks, load_task
 
 
 @pytest.mark.parametrize("n,c", [(5, 0), (5, 2), (6, 3), (7, 7), (10, 1)])
@@ -99,13 +100,13 @@ def test_every_vendored_task_loads_and_reads_its_data():
 
 
 def test_japanese_format_fixtures_parse_as_published():
-    jc = read_examples("jcommonsenseqa", "evaluation/tasks/fixtures_ja/jcommonsenseqa_format_fixture.json")
+    jc = read_examples("jcommonsenseqa", TASK_DIR / "fixtures_ja/jcommonsenseqa_format_fixture.json")
     assert jc[0]["choices"][jc[0]["gold"]] == "傘"
-    sq = read_examples("jsquad", "evaluation/tasks/fixtures_ja/jsquad_format_fixture.json")
+    sq = read_examples("jsquad", TASK_DIR / "fixtures_ja/jsquad_format_fixture.json")
     assert sq[0]["answers"] == ["3776メートル"] and "[SEP]" not in sq[0]["context"]
-    ni = read_examples("niilc_xml", "evaluation/tasks/fixtures_ja/niilc_format_fixture.xml")
+    ni = read_examples("niilc_xml", TASK_DIR / "fixtures_ja/niilc_format_fixture.xml")
     assert ni[1]["answers"] == ["東京", "東京都"]
-    jm = read_examples("jmmlu_csv", "evaluation/tasks/fixtures_ja/jmmlu_format_fixture.csv")
+    jm = read_examples("jmmlu_csv", TASK_DIR / "fixtures_ja/jmmlu_format_fixture.csv")
     assert [e["gold"] for e in jm] == [2, 0, 1, 3]
 
 

@@ -2,10 +2,9 @@
 import socket
 import threading
 
-import pytest
-
-from evaluation.formats import read_examples
-from evaluation.sandbox import humaneval_program, run_program
+from hibari.evaluation.tasks import TASK_DIR
+from hibari.evaluation.formats import read_examples
+from hibari.evaluation.sandbox import humaneval_program, run_program
 
 
 def test_passing_and_failing_programs():
@@ -61,7 +60,7 @@ def test_writes_outside_the_working_directory_and_subprocesses_are_blocked(tmp_p
 
 
 def test_canonical_humaneval_solutions_pass_and_empty_ones_fail():
-    problems = read_examples("humaneval", "evaluation/tasks/data/humaneval_sample.jsonl")[:5]
+    problems = read_examples("humaneval", TASK_DIR / "data" / "humaneval_sample.jsonl")[:5]
     for p in problems:
         ok = run_program(humaneval_program(p["prompt"], p["canonical_solution"], p["test"],
                                            p["entry_point"]))

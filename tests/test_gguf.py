@@ -17,8 +17,8 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from model import apply  # noqa: E402
-from model.gguf import import_gguf  # noqa: E402
+from hibari.model import apply  # noqa: E402
+from hibari.model.gguf import import_gguf  # noqa: E402
 
 torch.set_num_threads(2)
 Q = gguf.GGMLQuantizationType
@@ -148,10 +148,9 @@ def test_import_gguf_matches_the_unpermuted_reference(tmp_path, quantized, tied)
 
 def test_skipping_the_row_reorder_is_caught(tmp_path, monkeypatch):
     """Control: an importer that kept llama.cpp's q/k row order would miss the reference."""
-    import model.gguf
     model_ = _tiny_llama(tied=False)
     write_gguf(model_, tmp_path / "tiny.gguf", quantized=False)
-    monkeypatch.setattr(model.gguf, "unpermute_rope_rows", lambda w, n_heads: w)
+    monkeypatch.setattr("hibari.model.gguf.unpermute_rope_rows", lambda w, n_heads: w)
     cfg, params = import_gguf(tmp_path / "tiny.gguf")
     ours = np.asarray(jax.jit(apply, static_argnums=0)(cfg, params, jnp.asarray(TOKENS)))
     assert np.max(np.abs(ours - _torch_logits(model_))) > 1e-2

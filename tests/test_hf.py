@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from model import ConfigError, ModelConfig, RopeScaling, apply, param_shapes
-from model.cli import convert_main
-from model.hf import HFFormatError, config_from_hf, export_hf, import_hf
+import hibari.cli
+from hibari.model import ConfigError, ModelConfig, RopeScaling, apply, param_shapes
+from hibari.model.cli import convert_main
+from hibari.model.hf import HFFormatError, config_from_hf, export_hf, import_hf
 
 torch.set_num_threads(2)
 TOL = 1e-4
@@ -309,7 +317,8 @@ def test_convert_cli_round_trip(tmp_path):
 
 def test_convert_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
-    assert convert_main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "c")]) == 1
+    assert hibari.cli.main(["convert", "--from-hf", str(tmp_path / "hf"), "--out",
+                            str(tmp_path / "c")]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
@@ -325,7 +334,7 @@ def test_tied_config_with_a_different_lm_head_is_refused(hf_dir):
 # ---------------------------------------------------------------------------------------------
 
 def test_gguf_rope_row_order_is_restored():
-    from model.gguf import unpermute_rope_rows
+    from hibari.model.gguf import unpermute_rope_rows
     heads, hd, n_in = 3, 8, 5
     hf = np.arange(heads * hd * n_in, dtype=np.float32).reshape(heads * hd, n_in)
     # llama.cpp's order, written out: within each head, rows (0, 4, 1, 5, 2, 6, 3, 7).
@@ -350,7 +359,7 @@ def test_smollm2_gguf_knows_paris_and_reads_english():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from model.gguf import import_gguf
+    from hibari.model.gguf import import_gguf
     cfg, params = import_gguf(path)
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads) == (30, 576, 9, 3)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),

@@ -7,12 +7,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
-from model import (ConfigError, ModelConfig, RopeScaling, apply, count_params, flops_per_token,
-                   init, param_axes, param_shapes, resize_vocab)
-from model.config import MLPS, NORMS, POSITIONS
-from model.transformer import apply_rope, positions_from_segments, rope_inv_freq
+from hibari.model import (
+    ConfigError,
+    ModelConfig,
+    RopeScaling,
+    apply,
+    count_params,
+    flops_per_token,
+    init,
+    param_axes,
+    param_shapes,
+    resize_vocab,
+)
+from hibari.model.config import MLPS, NORMS, POSITIONS
+from hibari.model.transformer import apply_rope, positions_from_segments, rope_inv_freq
 
 VOCAB = 128
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(2, 16)), jnp.int32)

@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.quickstart import (QuickstartError, STAGES, finished, load_plan, mark_finished,
-                              override_flags, prepare_out)
+from hibari.base.resources import resource_path
+from hibari.quickstart import (
+    STAGES,
+    QuickstartError,
+    finished,
+    load_plan,
+    mark_finished,
+    override_flags,
+    prepare_out,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CI_CONFIG = "configs/quickstart.py:ci"
@@ -82,10 +90,11 @@ def test_a_stage_finished_with_another_config_is_refused(tmp_path):
 
 def test_unigram_baseline_matches_brute_force(tmp_path):
     """Next-token targets within segments, add-one unigram of the train rows, on real text."""
-    from data.loader import unigram_cross_entropy
-    from data.pack import pack_corpus
-    tok = str(REPO / "align" / "assets" / "seed_sp.model")
-    lines = [json.loads(x) for x in (REPO / "align/assets/seed_sft.jsonl").read_text().splitlines()]
+    from hibari.data.loader import unigram_cross_entropy
+    from hibari.data.pack import pack_corpus
+    tok = str(resource_path("hibari.align", "assets", "seed_sp.model"))
+    lines = [json.loads(x) for x in
+             resource_path("hibari.align", "assets", "seed_sft.jsonl").read_text().splitlines()]
     docs = [{"id": r["id"], "text": r["instruction"] + "\n" + r["output"], "meta": {}}
             for r in lines]
     pack_corpus({"all": iter(docs[:120])}, tok, str(tmp_path / "train"), 64)
@@ -109,7 +118,7 @@ def test_unigram_baseline_matches_brute_force(tmp_path):
 
 
 def test_report_renders_before_anything_ran(tmp_path):
-    from train.quickstart_report import write_report
+    from hibari.quickstart_report import write_report
     plan = load_plan(CI_CONFIG, tmp_path)
     md = write_report(plan, {s: None for s in STAGES}).read_text()
     for section in SECTIONS:
@@ -123,9 +132,7 @@ def test_report_renders_before_anything_ran(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
 
 
 def _quickstart(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -207,6 +214,6 @@ def test_quickstart_end_to_end_interrupt_resume_and_report(tmp_path):
 
 
 def _ci_prompts():
-    from train.quickstart import load_plan as lp
+    from hibari.quickstart import load_plan as lp
     qc = lp(CI_CONFIG, "unused").qc
     return list(qc.prompts.text) + list(qc.prompts.instruction)

@@ -6,14 +6,31 @@ import numpy as np
 import pytest
 from scipy.optimize import check_grad
 
-from evaluation.scaling import (
-    ParametricLaw, ScalingDataError, bootstrap, compute_optimal_allocation, fit_approach1, fit_approach2, fit_kaplan,
-    fit_parametric_law, fit_power_law, load_points, optimal_allocation_exponents, pareto_frontier,
-    points_from_arrays)
-from evaluation.scaling import report
-from evaluation.scaling.chinchilla import huber_objective_and_grad
-from evaluation.scaling.cli import scaling_main
-from evaluation.scaling.synthetic import HOFFMANN_LAW, isoflop_sweep, random_sweep, training_curves
+import hibari.cli
+from hibari.evaluation.scaling import (
+    ParametricLaw,
+    ScalingDataError,
+    bootstrap,
+    compute_optimal_allocation,
+    fit_approach1,
+    fit_approach2,
+    fit_kaplan,
+    fit_parametric_law,
+    fit_power_law,
+    load_points,
+    optimal_allocation_exponents,
+    pareto_frontier,
+    points_from_arrays,
+    report,
+)
+from hibari.evaluation.scaling.chinchilla import huber_objective_and_grad
+from hibari.evaluation.scaling.cli import scaling_main
+from hibari.evaluation.scaling.synthetic import (
+    HOFFMANN_LAW,
+    isoflop_sweep,
+    random_sweep,
+    training_curves,
+)
 
 # 32 starts spanning the region of the Hoffmann grid where LLM fits land; keeps each fit ~1 s.
 SMALL_GRID = {"a": (5.0, 15.0), "b": (5.0, 15.0), "e": (0.0, 0.5), "alpha": (0.25, 0.5), "beta": (0.25, 0.5)}
@@ -212,7 +229,7 @@ def small_coarse_grid(monkeypatch):
 
 @pytest.mark.slow
 def test_cli_fit_writes_fits_json_summary_and_plots(tmp_path, small_coarse_grid):
-    import hibari
+    import hibari.cli
 
     pts = isoflop_sweep(HOFFMANN_LAW, np.logspace(18, 21, 4), sizes_per_budget=7, noise=0.003, seed=4)
     csv = tmp_path / "results.csv"
@@ -220,7 +237,7 @@ def test_cli_fit_writes_fits_json_summary_and_plots(tmp_path, small_coarse_grid)
                                      for r, n, d, l in zip(pts.run, pts.N, pts.D, pts.loss)]
     csv.write_text("\n".join(rows) + "\n")
     out = tmp_path / "fit"
-    code = hibari.main(["scaling", "fit", str(csv), "--out", str(out), "--bootstrap", "8", "--init-grid", "coarse",
+    code = hibari.cli.main(["scaling", "fit", str(csv), "--out", str(out), "--bootstrap", "8", "--init-grid", "coarse",
                         "--budgets", "1e21,1e23"])
     assert code == 0
     fits = json.loads((out / "fits.json").read_text())
@@ -245,11 +262,14 @@ def test_cli_reports_errors_without_writing(tmp_path, capsys, small_coarse_grid)
     csv = tmp_path / "random.csv"
     csv.write_text("N,D,loss\n" + "".join(f"{float(n)!r},{float(d)!r},{float(l)!r}\n" for n, d, l in zip(pts.N, pts.D, pts.loss)))
     out = tmp_path / "out"
-    assert scaling_main(["fit", str(csv), "--out", str(out), "--approaches", "2", "--bootstrap", "0"]) == 2
+    assert hibari.cli.main(["scaling", "fit", str(csv), "--out", str(out), "--approaches", "2",
+                            "--bootstrap", "0"]) == 1
     assert "approach2" in capsys.readouterr().err and not out.exists()
-    assert scaling_main(["fit", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    assert hibari.cli.main(["scaling", "fit", str(tmp_path / "missing.csv"), "--out",
+                            str(out)]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert scaling_main(["fit", str(csv), "--out", str(out), "--approaches", "4"]) == 2
+    assert hibari.cli.main(["scaling", "fit", str(csv), "--out", str(out), "--approaches",
+                            "4"]) == 1
     assert "unknown approach '4'" in capsys.readouterr().err
     # The default set skips what the data cannot support and says why.
     assert scaling_main(["fit", str(csv), "--out", str(out), "--bootstrap", "0", "--init-grid", "coarse"]) == 0

@@ -9,9 +9,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.sweeps._common import ORIGINAL_TRANSFORMER, sweep_defaults
-from train.sweep import (SweepConfigError, choose_steps, expand, is_finished, member_table,
-                         run_sweep)
+from hibari.configs.sweeps._common import ORIGINAL_TRANSFORMER, sweep_defaults
+from hibari.sweep import (
+    SweepConfigError,
+    choose_steps,
+    expand,
+    is_finished,
+    member_table,
+    run_sweep,
+)
 
 
 def tiny_sweep(**fields) -> ml_collections.ConfigDict:
@@ -30,8 +36,8 @@ def tiny_sweep(**fields) -> ml_collections.ConfigDict:
 
 def independent_param_count(config) -> int:
     """Parameters of the model's actual pytree (not model.counting)."""
-    from model import param_shapes
-    from train.loop import model_config
+    from hibari.model import param_shapes
+    from hibari.train.loop import model_config
     shapes = param_shapes(model_config(config))
     return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
 
@@ -128,21 +134,21 @@ def test_is_finished_needs_the_last_step(tmp_path):
 
 
 def test_dry_run_prints_the_member_table(capsys):
-    from train.sweep_cli import sweep_main
+    from hibari.sweep_cli import sweep_main
     assert sweep_main(["--config", "configs/sweeps/chinchilla_tiny.py:synthetic", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "d64-l4-C2e12" in out and "members" in out and "6ND" in out
-    from configs.sweeps.chinchilla_tiny import get_config
+    from hibari.configs.sweeps.chinchilla_tiny import get_config
     members, _ = expand(get_config("synthetic"))
     assert member_table(members).splitlines()[1].split()[0] == members[0].name
 
 
 @pytest.mark.slow
 def test_tiny_sweep_runs_resumes_and_reports(tmp_path):
-    from evaluation.scaling import load_points
-    from model.counting import count_params
-    from train.loop import model_config
-    from train.metrics import read_metrics
+    from hibari.evaluation.scaling import load_points
+    from hibari.model.counting import count_params
+    from hibari.train.loop import model_config
+    from hibari.train.metrics import read_metrics
     variants = ml_collections.ConfigDict({"pp": {}, "orig": ORIGINAL_TRANSFORMER})
     sweep = tiny_sweep(widths=(32,), variants=variants, tokens=(2560,), eval_points=2)
     summary = run_sweep(sweep, tmp_path)
@@ -184,10 +190,10 @@ def test_tiny_sweep_runs_resumes_and_reports(tmp_path):
 
 
 def test_member_config_round_trips_for_subprocess_runs(tmp_path):
-    """--parallel runs `hibari pretrain --config train/sweep_member.py:JSON`: same config back."""
-    from train.loop import model_config, validate_config
-    from train.sweep import _pretrain_command, _write_member_config
-    from train.sweep_member import get_config
+    """--parallel runs `hibari pretrain --config hibari/sweep_member.py:JSON`: same config back."""
+    from hibari.sweep import _pretrain_command, _write_member_config
+    from hibari.sweep_member import get_config
+    from hibari.train.loop import model_config, validate_config
     member = expand(tiny_sweep(variants=ml_collections.ConfigDict({"orig": ORIGINAL_TRANSFORMER})))[0][1]
     path = _write_member_config(member, tmp_path / member.name)
     loaded = get_config(str(path))
@@ -195,4 +201,4 @@ def test_member_config_round_trips_for_subprocess_runs(tmp_path):
     assert model_config(loaded) == validate_config(member.config)
     command = _pretrain_command(path, tmp_path / member.name)
     assert command[2:5] == ["hibari", "pretrain", "--config"]
-    assert command[5].endswith(f"train/sweep_member.py:{path}")
+    assert command[5].endswith(f"hibari/sweep_member.py:{path}")

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.pretrain.llama import get_config
-from model import ModelConfig, apply, init
-from train.checkpoint import Checkpointer
-from train.loop import NonFiniteError, Task, TrainConfigError, build, train
-from train.losses import lm_loss_fn, next_token_targets
-from train.metrics import read_metrics
-from train.optim import decay_mask, make_schedule
-from train.sharding import MeshError, global_batch, make_mesh, mesh_shape
-from train.synthetic import SyntheticTokens
+from hibari.configs.pretrain.llama import get_config
+from hibari.model import ModelConfig, apply, init
+from hibari.train.checkpoint import Checkpointer
+from hibari.train.loop import NonFiniteError, Task, TrainConfigError, build, train
+from hibari.train.losses import lm_loss_fn, next_token_targets
+from hibari.train.metrics import read_metrics
+from hibari.train.optim import decay_mask, make_schedule
+from hibari.train.sharding import MeshError, global_batch, mesh_shape
+from hibari.train.synthetic import SyntheticTokens
 
 
 def tiny(**overrides):
@@ -230,7 +230,7 @@ def test_nan_policy_stop_names_the_step_and_keeps_good_checkpoints(tmp_path):
         train(config, tmp_path, Task(loss_fn=_nan_on_some_batches(cfg)))
     steps = Checkpointer(tmp_path / "checkpoints").all_steps()
     assert max(steps) == bad[0] - 1
-    from train.checkpoint import load_params
+    from hibari.train.checkpoint import load_params
     _, params = load_params(tmp_path)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
@@ -269,7 +269,7 @@ def test_config_errors_name_the_field(tmp_path):
         build(tiny(**{"data.seq_len": 64}), None)
     with pytest.raises(MeshError):
         build(tiny(**{"mesh.data": 3}), None)
-    from model import ConfigError
+    from hibari.model import ConfigError
     with pytest.raises(ConfigError, match="model.n_heads"):
         build(tiny(**{"model.n_kv_heads": 3}), None)
     train(tiny(steps=2), tmp_path)
@@ -297,7 +297,8 @@ def test_stop_signal_right_after_a_periodic_save_keeps_that_checkpoint(tmp_path)
     """SIGTERM arriving during a checkpoint step: the stop path must not save that step again."""
     import os
     import signal
-    from train.loop import make_loader
+
+    from hibari.train.loop import make_loader
     config = tiny(steps=8, checkpoint_every=4)
 
     class SignalsAtBatch4:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import Checkpointer
-from train.metrics import read_metrics
+from hibari.train.checkpoint import Checkpointer
+from hibari.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def hibari(args, devices=8, **kw):
              if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.Popen([sys.executable, str(ROOT / "hibari.py"), "pretrain", *COMMON, *args],
+    return subprocess.Popen([sys.executable, "-m", "hibari", "pretrain", *COMMON, *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kw)
 
@@ -117,10 +117,10 @@ def test_two_process_distributed_run_agrees_with_one_process(tmp_path):
 
 
 def test_pretrain_help_and_bad_flags():
-    out = subprocess.run([sys.executable, str(ROOT / "hibari.py"), "pretrain", "--help"],
+    out = subprocess.run([sys.executable, "-m", "hibari", "pretrain", "--help"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "--workdir" in out.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "hibari.py"), "pretrain",
+    bad = subprocess.run([sys.executable, "-m", "hibari", "pretrain",
                           "--config", "configs/pretrain/llama.py:tiny", "--workdir", "/tmp/x",
                           "--config.nosuchfield=1"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "nosuchfield" in (bad.stderr + bad.stdout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -19,20 +20,26 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from model import ModelConfig, flops_per_token, init, param_axes, param_shapes
-from train.checkpoint import Checkpointer
-from train.losses import lm_loss_fn
-from train.metrics import MetricsWriter, mfu
-from train.optim import make_optimizer
-from train.sharding import (batch_divisor, global_batch, logical_shardings, make_mesh,
-                            normalize_rules)
-from train.step import create_state, make_eval_step, make_train_step, state_shardings
-from train.synthetic import SyntheticTokens
+from hibari.base.errors import UserError
+from hibari.data.loader import Loader
+from hibari.model import ModelConfig, flops_per_token, init, param_axes
+from hibari.train.checkpoint import Checkpointer
+from hibari.train.losses import lm_loss_fn
+from hibari.train.metrics import MetricsWriter, mfu
+from hibari.train.optim import make_optimizer
+from hibari.train.sharding import (
+    batch_divisor,
+    global_batch,
+    logical_shardings,
+    make_mesh,
+    normalize_rules,
+)
+from hibari.train.step import create_state, make_eval_step, make_train_step, state_shardings
+from hibari.train.synthetic import SyntheticTokens
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ MAX_IN_FLIGHT = 4
 DATA_KINDS = ("synthetic", "packed")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError, ValueError):
     """The training config is invalid; the message names the field."""
 
 
@@ -94,7 +101,7 @@ def validate_config(config: ml_collections.ConfigDict, own_data: bool = False) -
 def _validate_packed(data: ml_collections.ConfigDict, vocab_size: int) -> None:
     """The packed shards (train and eval) must match config.data.seq_len, fit the model's
     vocabulary and name the sources that config.data.weights mixes."""
-    from data.loader import packed_info
+    from hibari.data.loader import packed_info
     paths = {"path": data.path, **({"eval_path": data.eval_path} if data.eval_path else {})}
     weights = data.weights.to_dict() if hasattr(data.weights, "to_dict") else dict(data.weights or {})
     shas = set()
@@ -122,6 +129,26 @@ def _validate_packed(data: ml_collections.ConfigDict, vocab_size: int) -> None:
                                    f"config.data.{field}={path!r} ({sorted(info['sources'])})")
 
 
+def packed_data_overrides(prepared_dir: str, prepare_flags: str = "") -> dict:
+    """Overrides that train on `hibari data prepare` output: packed/ rows, packed-heldout/ for
+    eval, and the seq_len and vocabulary they were packed with (`prepare_flags`: what the error
+    message's prepare command adds, e.g. "--vocab-size 1024")."""
+    from hibari.data.loader import packed_info
+    train_dir = os.path.join(prepared_dir, "packed")
+    eval_dir = os.path.join(prepared_dir, "packed-heldout")
+    for path in (train_dir, eval_dir):
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            command = f"hibari data prepare --config configs/data/quickstart.py:{prepared_dir}"
+            raise TrainConfigError(
+                f"{path}: no packed shards; make them with `{command}"
+                f"{prepare_flags and ' ' + prepare_flags}` (a few minutes on a CPU) or pass "
+                "':synthetic' to train on the synthetic source")
+    info = packed_info(train_dir)
+    return {"data": {"kind": "packed", "path": train_dir, "eval_path": eval_dir,
+                     "seq_len": info["seq_len"]},
+            "model": {"vocab_size": info["vocab_size"], "max_seq_len": info["seq_len"]}}
+
+
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """A workdir's saved model config must equal the new one (other fields may change)."""
     path = workdir / "config.json"
@@ -141,15 +168,15 @@ def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def make_loader(config: ml_collections.ConfigDict, split: str = "train"):
-    """This host's loader: an iterator of host-local batches with get_state/set_state."""
+def make_loader(config: ml_collections.ConfigDict, split: str = "train") -> Loader | None:
+    """This host's loader for `split` (None: no eval data)."""
     data = config.data
     local_batch = data.batch_size // jax.process_count()
     common = dict(batch_size=local_batch, seq_len=data.seq_len, seed=config.seed,
                   shard_index=jax.process_index(), shard_count=jax.process_count())
     if data.kind == "synthetic":
         return SyntheticTokens(vocab_size=config.model.vocab_size, split=split, **common)
-    from data.loader import PackedLoader
+    from hibari.data.loader import PackedLoader
     path = data.path if split == "train" else (data.eval_path or None)
     if path is None:
         return None
@@ -206,7 +233,7 @@ class Task:
     base_params: Any = None  # loaded parameters to start from (fine-tuning)
     param_axes: Any = None  # logical PartitionSpecs when params are not a plain Transformer
     frozen_params: Any = None
-    make_loader: Callable[[str], Any] | None = None  # split ("train" / "eval") -> loader
+    make_loader: Callable[[str], Loader | None] | None = None  # split ("train" / "eval") -> loader
     on_eval: Callable[[int, Any], dict] | None = None  # (step, params) -> extra metrics
 
 
@@ -225,9 +252,9 @@ class Run:
     state_shardings: Any
     abstract_state: Any
     checkpointer: Checkpointer | None
-    loader: Any
+    loader: Loader | None
 
-    def make_loader(self, split: str):
+    def make_loader(self, split: str) -> Loader | None:
         if self.task.make_loader is not None:
             return self.task.make_loader(split)
         return make_loader(self.config, split)

@@ -11,10 +11,12 @@ from typing import Any
 import jax
 import optax
 
+from hibari.base.errors import UserError
+
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
-class OptimConfigError(ValueError):
+class OptimConfigError(UserError, ValueError):
     """An optimizer setting is invalid."""
 
 

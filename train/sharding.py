@@ -17,7 +17,10 @@ from typing import Any, Iterable, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hibari.base.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,7 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 log = logging.getLogger(__name__)
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The mesh config does not fit the devices or the batch."""
 
 

@@ -18,9 +18,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from train.sharding import batch_sharding, replicated, sharding_context
+from hibari.train.sharding import batch_sharding, replicated, sharding_context
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -12,6 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
+from hibari.base.segments import positions_from_segments
+
 SPLITS = {"train": 0, "eval": 1}
 
 
@@ -33,8 +35,7 @@ class SyntheticTokens:
         starts = rng.random(t) < 1.0 / self.mean_doc_len
         starts[0] = True
         segment_ids = np.cumsum(starts).astype(np.int32)
-        idx = np.arange(t)
-        positions = (idx - np.maximum.accumulate(np.where(starts, idx, 0))).astype(np.int32)
+        positions = positions_from_segments(segment_ids)
         choice = rng.integers(0, 4, size=t)
         uniform = rng.integers(0, self.vocab_size, size=t)
         jump = rng.random(t) < 0.1

@@ -20,8 +20,13 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from align.templates import ALPACA_EN, ALPACA_JA, flan_instructions, phrasing_index, \
-    seed_task_records  # noqa: E402
+from hibari.align.templates import (
+    ALPACA_EN,
+    ALPACA_JA,
+    flan_instructions,
+    phrasing_index,
+    seed_task_records,  # noqa: E402
+)
 
 RULES = ("other_task", "truncated", "shuffled")
 
@@ -54,7 +59,7 @@ def main() -> None:
                                                           "input": r["input"]},
                                 "chosen": r["output"], "rejected": rejected, "rule": rule},
                                ensure_ascii=False) + "\n")
-    from data.tokenizer import train_tokenizer
+    from hibari.data.tokenizer import train_tokenizer
     texts = [{"text": t} for r in records for t in (r["instruction"], r["input"], r["output"])
              if t]
     texts += [{"text": t.with_input + t.without_input} for t in (ALPACA_EN, ALPACA_JA)] * 20

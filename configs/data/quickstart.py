@@ -2,20 +2,19 @@
 
     hibari data prepare --config configs/data/quickstart.py:runs/data/quickstart
 
-The argument is the output directory. `get_config` returns the fields of `data.pipeline.PrepareConfig`.
+The argument is the output directory. `get_config` returns the fields of
+`hibari.data.pipeline.PrepareConfig`.
 """
 import os
 
 import ml_collections
 
-import data
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(data.__file__)), "assets", "corpus")
+from hibari.data import CORPUS_DIR
 
 
 def get_config(arg: str = "runs/data/quickstart") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.inputs = [os.path.join(ASSETS, "*.jsonl.gz")]
+    c.inputs = [os.path.join(CORPUS_DIR, "*.jsonl.gz")]
     c.out = arg
     c.languages = ("en", "ja")
     c.dedup = ml_collections.ConfigDict({"threshold": 0.8, "num_perm": 128, "ngram": 5, "unit": "char"})

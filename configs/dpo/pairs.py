@@ -10,8 +10,8 @@ reference: live (frozen model beside the policy) | precomputed (cached log-probs
 """
 import ml_collections
 
-from align.configs_common import base_config
-from align.losses import LOSSES
+from hibari.align.losses import LOSSES
+from hibari.configs.base import align_config
 
 BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1}
 
@@ -19,7 +19,7 @@ BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "kto": 0.1}
 def get_config(loss: str = "dpo"):
     if loss not in LOSSES:
         raise ValueError(f"configs/dpo/pairs.py: unknown loss {loss!r}; choose from {LOSSES}")
-    c = base_config(f"{loss}-pairs", steps=200, lr=5e-4)
+    c = align_config(f"{loss}-pairs", steps=200, lr=5e-4)
     c.data.train_path = "align/assets/seed_pairs.jsonl"
     c.data.seq_len = 1024
     c.model.max_seq_len = 1024

@@ -4,12 +4,12 @@
 
 Default data: align/assets/seed_pairs.jsonl (synthetic pairs, see align/assets/SOURCES.md).
 """
-from align.configs_common import base_config
+from hibari.configs.base import align_config
 
 
 def get_config(arg: str = ""):
     del arg
-    c = base_config("reward-pairs", steps=200)
+    c = align_config("reward-pairs", steps=200)
     c.data.train_path = "align/assets/seed_pairs.jsonl"
     c.data.seq_len = 1024
     c.model.max_seq_len = 1024

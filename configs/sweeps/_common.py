@@ -1,7 +1,7 @@
 """Shared pieces of the sweep configs: defaults of every field, the two architectures, data."""
-import os
-
 import ml_collections
+
+from hibari.train.loop import packed_data_overrides  # noqa: F401 (the sweep configs' data)
 
 # The original Transformer (Vaswani et al. 2017) against the base config's Transformer++ (Llama:
 # RMSNorm, SwiGLU, RoPE, no biases, AdamW beta2=0.95). Its d_ff follows the width rule (4d for
@@ -10,8 +10,6 @@ import ml_collections
 ORIGINAL_TRANSFORMER = {"model": {"norm": "layernorm", "mlp": "relu", "position": "sinusoidal",
                                   "use_bias": True},
                         "optim": {"b2": 0.98}}
-
-PREPARE_COMMAND = "hibari data prepare --config configs/data/quickstart.py:{out}"
 
 
 def sweep_defaults() -> ml_collections.ConfigDict:
@@ -36,22 +34,3 @@ def sweep_defaults() -> ml_collections.ConfigDict:
     c.warmup_fraction = 0.05
     c.overrides = ml_collections.ConfigDict()  # applied to every member, e.g. {"data": {...}}
     return c
-
-
-def packed_data_overrides(prepared_dir: str, prepare_flags: str = "") -> dict:
-    """Overrides that train on `hibari data prepare` output: packed/ rows, packed-heldout/ for
-    eval, and the seq_len and vocabulary they were packed with (`prepare_flags`: what the error
-    message's prepare command adds, e.g. "--vocab-size 1024")."""
-    from data.loader import packed_info
-    train_dir = os.path.join(prepared_dir, "packed")
-    eval_dir = os.path.join(prepared_dir, "packed-heldout")
-    for path in (train_dir, eval_dir):
-        if not os.path.exists(os.path.join(path, "manifest.json")):
-            raise ValueError(f"{path}: no packed shards; make them with "
-                             f"`{PREPARE_COMMAND.format(out=prepared_dir)}{prepare_flags and ' ' + prepare_flags}` "
-                             "(a few minutes on a CPU) "
-                             "or pass ':synthetic' to train on the synthetic source")
-    info = packed_info(train_dir)
-    return {"data": {"kind": "packed", "path": train_dir, "eval_path": eval_dir,
-                     "seq_len": info["seq_len"]},
-            "model": {"vocab_size": info["vocab_size"], "max_seq_len": info["seq_len"]}}

@@ -8,7 +8,11 @@ output directory (its packed/ rows, evaluated on packed-heldout/).
 """
 import ml_collections
 
-from configs.sweeps._common import ORIGINAL_TRANSFORMER, packed_data_overrides, sweep_defaults
+from hibari.configs.sweeps._common import (
+    ORIGINAL_TRANSFORMER,
+    packed_data_overrides,
+    sweep_defaults,
+)
 
 
 def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:

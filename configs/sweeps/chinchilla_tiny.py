@@ -15,7 +15,7 @@ N is the total parameter count (Hoffmann et al.'s convention), see docs/sweeps.m
 """
 import ml_collections
 
-from configs.sweeps._common import packed_data_overrides, sweep_defaults
+from hibari.configs.sweeps._common import packed_data_overrides, sweep_defaults
 
 PREPARE_FLAGS = "--vocab-size 1024 --seq-len 256 --character-coverage 0.995"
 

@@ -2,14 +2,30 @@
 
 See docs/scaling.md for the methods and `hibari scaling fit --help` for the command.
 """
-from evaluation.scaling.bootstrap import bootstrap, percentile_intervals
-from evaluation.scaling.chinchilla import (
-    COARSE_INIT_GRID, HOFFMANN_INIT_GRID, HUBER_DELTA, AllocationFit, IsoFlopProfile, ParametricLaw,
-    compute_optimal_allocation, fit_approach1, fit_approach2, fit_parametric_law, isoflop_profiles,
-    optimal_allocation_exponents, training_curve_envelope)
-from evaluation.scaling.data import (
-    ScalingDataError, ScalingFitError, ScalingPoints, load_points, points_from_arrays)
-from evaluation.scaling.kaplan import PowerLawFit, fit_kaplan, fit_power_law, pareto_frontier
+from hibari.evaluation.scaling.bootstrap import bootstrap, percentile_intervals
+from hibari.evaluation.scaling.chinchilla import (
+    COARSE_INIT_GRID,
+    HOFFMANN_INIT_GRID,
+    HUBER_DELTA,
+    AllocationFit,
+    IsoFlopProfile,
+    ParametricLaw,
+    compute_optimal_allocation,
+    fit_approach1,
+    fit_approach2,
+    fit_parametric_law,
+    isoflop_profiles,
+    optimal_allocation_exponents,
+    training_curve_envelope,
+)
+from hibari.evaluation.scaling.data import (
+    ScalingDataError,
+    ScalingFitError,
+    ScalingPoints,
+    load_points,
+    points_from_arrays,
+)
+from hibari.evaluation.scaling.kaplan import PowerLawFit, fit_kaplan, fit_power_law, pareto_frontier
 
 __all__ = [
     "AllocationFit", "COARSE_INIT_GRID", "HOFFMANN_INIT_GRID", "HUBER_DELTA", "IsoFlopProfile", "ParametricLaw",

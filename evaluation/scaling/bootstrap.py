@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from evaluation.scaling.data import ScalingFitError, ScalingPoints
+from hibari.evaluation.scaling.data import ScalingFitError, ScalingPoints
 
 DEFAULT_LEVELS = (0.8, 0.95)
 

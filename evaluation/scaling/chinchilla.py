@@ -17,8 +17,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from evaluation.scaling._threads import single_threaded_blas
-from evaluation.scaling.data import ScalingFitError, ScalingPoints, group_by_log_gap
+from hibari.evaluation.scaling._threads import single_threaded_blas
+from hibari.evaluation.scaling.data import ScalingFitError, ScalingPoints, group_by_log_gap
 
 HUBER_DELTA = 1e-3
 
@@ -198,7 +198,7 @@ def training_curve_envelope(points: ScalingPoints, n_grid: int = 40) -> dict[str
     Returns arrays C, loss, N (of the winning run) and D = C / (6N).
     """
     if not points.has_curves:
-        from evaluation.scaling.kaplan import pareto_frontier
+        from hibari.evaluation.scaling.kaplan import pareto_frontier
 
         front = pareto_frontier(points.C, points.loss)
         return {"C": points.C[front], "loss": points.loss[front], "N": points.N[front],

@@ -4,8 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evaluation.scaling.data import ScalingDataError, ScalingFitError, load_points
-from evaluation.scaling.report import APPROACHES, INIT_GRIDS, FitSettings, fit_all, write_outputs
+from hibari.evaluation.scaling.data import ScalingDataError, load_points
+from hibari.evaluation.scaling.report import (
+    APPROACHES,
+    INIT_GRIDS,
+    FitSettings,
+    fit_all,
+    write_outputs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,12 +115,8 @@ def fit_command(args) -> int:
 
 def scaling_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "fit":
-            return fit_command(args)
-    except (ScalingDataError, ScalingFitError) as e:
-        print(f"hibari scaling {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "fit":
+        return fit_command(args)
     return 2
 
 

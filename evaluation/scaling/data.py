@@ -15,15 +15,17 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from hibari.base.errors import UserError
+
 REQUIRED = ("N", "loss")
 POSITIVE_NUMERIC = ("N", "D", "C", "loss")
 
 
-class ScalingDataError(ValueError):
+class ScalingDataError(UserError, ValueError):
     """A results file that cannot be fitted; the message says where and what to do."""
 
 
-class ScalingFitError(RuntimeError):
+class ScalingFitError(UserError, RuntimeError):
     """A fit that the data cannot support (too few points, degenerate groups)."""
 
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from evaluation.scaling.data import ScalingFitError, ScalingPoints, group_by_log_gap
+from hibari.evaluation.scaling.data import ScalingFitError, ScalingPoints, group_by_log_gap
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,10 +10,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from evaluation.scaling.chinchilla import (  # noqa: E402
-    AllocationFit, IsoFlopProfile, ParametricLaw, compute_optimal_allocation)
-from evaluation.scaling.data import ScalingPoints  # noqa: E402
-from evaluation.scaling.kaplan import PowerLawFit, pareto_frontier  # noqa: E402
+from hibari.evaluation.scaling.chinchilla import (  # noqa: E402
+    AllocationFit,
+    IsoFlopProfile,
+    ParametricLaw,
+    compute_optimal_allocation,
+)
+from hibari.evaluation.scaling.data import ScalingPoints  # noqa: E402
+from hibari.evaluation.scaling.kaplan import PowerLawFit, pareto_frontier  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluation.scaling import chinchilla, kaplan
-from evaluation.scaling.bootstrap import bootstrap
-from evaluation.scaling.data import ScalingFitError, ScalingPoints
+from hibari.evaluation.scaling import chinchilla, kaplan
+from hibari.evaluation.scaling.bootstrap import bootstrap
+from hibari.evaluation.scaling.data import ScalingFitError, ScalingPoints
 
 APPROACHES = ("kaplan", "1", "2", "3")
 INIT_GRIDS = {"hoffmann": chinchilla.HOFFMANN_INIT_GRID, "coarse": chinchilla.COARSE_INIT_GRID}
@@ -219,7 +219,7 @@ def summary_markdown(report: dict) -> str:
 
 def write_outputs(points: ScalingPoints, report: dict, fitted: dict, out_dir: Path) -> list[Path]:
     """fits.json, fit.json (when Approach 3 ran), summary.md and the PNG plots into `out_dir`."""
-    from evaluation.scaling import plots
+    from hibari.evaluation.scaling import plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

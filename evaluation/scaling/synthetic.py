@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from evaluation.scaling.chinchilla import ParametricLaw, compute_optimal_allocation
-from evaluation.scaling.data import ScalingPoints, points_from_arrays
+from hibari.evaluation.scaling.chinchilla import ParametricLaw, compute_optimal_allocation
+from hibari.evaluation.scaling.data import ScalingPoints, points_from_arrays
 
 # Hoffmann et al. 2022, Approach 3 as printed in the paper.
 HOFFMANN_LAW = ParametricLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from train.sweep import read_member_metrics
+from hibari.sweep import read_member_metrics
 
 MODEL_TITLES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO"}
 SECTIONS = ("Stages", "1. Data", "2. Pretraining", "3. Instruction tuning (SFT)",
@@ -279,10 +279,10 @@ def generations_section(plan, record) -> list[Block]:
 
 
 def commands_section(plan, records) -> list[Block]:
-    from train.quickstart import MODELS
     lines = [plan.command("data")]
     if records.get("data"):  # the training commands read the packed shards' seq_len and vocab
-        lines += [plan.command(s) for s in MODELS] + [plan.eval_command(m) for m in MODELS]
+        lines += [plan.command(s) for s in plan.models] + [plan.eval_command(m)
+                                                          for m in plan.models]
     else:
         lines.append("# the other commands are listed once the data stage has run")
     return [("h2", SECTIONS[7]),

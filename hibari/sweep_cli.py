@@ -18,7 +18,9 @@ USAGE = ("usage: hibari sweep --config FILE.py[:arg] --workdir DIR [--parallel N
 def parse_sweep_flags(argv: list[str]) -> flags.FlagValues:
     from ml_collections import config_flags
 
-    from train.cli import _resolve_config_flag
+    from hibari.base.config_files import resolve_config_flag
+    from hibari.base.errors import UsageError
+    from hibari.train.cli import parse_flag_values
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "sweep config file[:argument]",
                                     flag_values=fv, lock_config=True)
@@ -33,30 +35,21 @@ def parse_sweep_flags(argv: list[str]) -> flags.FlagValues:
         print(__doc__.strip() + "\n\n" + USAGE)
         raise SystemExit(0)
     argv = [a.replace("--dry-run", "--dry_run").replace("--no-report", "--noreport") for a in argv]
-    try:
-        fv(["hibari sweep"] + _resolve_config_flag(argv))
-    except (flags.Error, ValueError, KeyError, AttributeError) as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        if "Traceback (most recent call last):" in lines:
-            lines = [lines[0], lines[-1]]
-        raise SystemExit("hibari sweep: " + "\n  ".join(lines)) from None
+    parse_flag_values(fv, "sweep", resolve_config_flag(argv))
     if fv.config is None:
-        raise SystemExit(f"hibari sweep: --config FILE.py[:arg] is required\n{USAGE}")
+        raise UsageError(f"--config FILE.py[:arg] is required\n{USAGE}")
     if not fv.workdir and not fv.dry_run:
-        raise SystemExit(f"hibari sweep: --workdir is required\n{USAGE}")
+        raise UsageError(f"--workdir is required\n{USAGE}")
     if fv.parallel < 1:
-        raise SystemExit(f"hibari sweep: --parallel={fv.parallel} must be >= 1")
+        raise UsageError(f"--parallel={fv.parallel} must be >= 1")
     return fv
 
 
 def report_main(argv: list[str]) -> int:
-    from train.sweep_report import SweepReportError, write_report
+    from hibari.sweep_report import SweepReportError, write_report
     if len(argv) != 1 or argv[0].startswith("-"):
-        raise SystemExit(f"hibari sweep report: give one sweep directory\n{USAGE}")
-    try:
-        path = write_report(argv[0])
-    except SweepReportError as e:
-        raise SystemExit(f"hibari sweep report: {e}") from None
+        raise SweepReportError(f"give one sweep directory\n{USAGE}")
+    path = write_report(argv[0])
     print(f"hibari sweep: wrote {path}")
     return 0
 
@@ -64,19 +57,15 @@ def report_main(argv: list[str]) -> int:
 def sweep_main(argv: list[str]) -> int:
     if argv and argv[0] == "report":
         return report_main(argv[1:])
-    from train.cli import setup_logging
+    from hibari.train.cli import setup_logging
     setup_logging()
     fv = parse_sweep_flags(argv)
-    from train.loop import TrainConfigError
-    from train.sweep import SweepConfigError, expand, member_table, run_sweep
-    try:
-        if fv.dry_run:
-            members, skipped = expand(fv.config)
-            print(member_table(members, skipped))
-            return 0
-        summary = run_sweep(fv.config, fv.workdir, parallel=fv.parallel, report=fv.report)
-    except (SweepConfigError, TrainConfigError) as e:
-        raise SystemExit(f"hibari sweep: {e}") from None
+    from hibari.sweep import expand, member_table, run_sweep
+    if fv.dry_run:
+        members, skipped = expand(fv.config)
+        print(member_table(members, skipped))
+        return 0
+    summary = run_sweep(fv.config, fv.workdir, parallel=fv.parallel, report=fv.report)
     print(f"hibari sweep: {summary['members']} members ({len(summary['already_finished'])} were "
           f"finished, {len(summary['trained'])} trained); {summary['rows']} result rows in "
           f"{fv.workdir}/results.csv", file=sys.stderr)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hibari.base.errors import UserError
 
-class SweepReportError(ValueError):
+
+class SweepReportError(UserError, ValueError):
     """The sweep directory has no results to report; the message says what to do."""
 
 

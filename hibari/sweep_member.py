@@ -1,6 +1,6 @@
 """Config file for one sweep member run as a separate process:
 
-    hibari pretrain --config train/sweep_member.py:WORKDIR/MEMBER/member_config.json --workdir ...
+    hibari pretrain --config hibari/sweep_member.py:WORKDIR/MEMBER/member_config.json --workdir ...
 
 `hibari sweep --parallel N` writes the member's resolved pretraining config as JSON and starts
 such a process; the argument is the JSON file.

@@ -27,7 +27,8 @@ from typing import Callable
 
 import ml_collections
 
-from train.config_files import ConfigFileError, apply_overrides, load_python_config
+from hibari.base.config_files import apply_overrides, load_python_config
+from hibari.base.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ OWNED = STAGES + ("stages", "plots", "report.md", "report.html", "report.json", 
 STATE_FILE = "quickstart.json"
 
 
-class QuickstartError(ValueError):
+class QuickstartError(UserError, ValueError):
     """A quickstart config, output directory or stage record is unusable; says what to do."""
 
 
@@ -68,6 +69,8 @@ class Plan:
     qc: ml_collections.ConfigDict
     out: Path
 
+    models = MODELS  # the trained stages, in order
+
     def dir(self, name: str) -> Path:
         return self.out / name
 
@@ -89,7 +92,7 @@ class Plan:
         argv = ["--config", section.base, "--workdir", str(self.dir(stage)),
                 f"--config.seed={qc.seed}"]
         if stage == "pretrain":
-            from configs.sweeps._common import packed_data_overrides
+            from hibari.train.loop import packed_data_overrides
             argv += override_flags(packed_data_overrides(str(self.dir("data"))))
         else:
             previous = MODELS[MODELS.index(stage) - 1]
@@ -109,7 +112,7 @@ class Plan:
         return "hibari " + shlex.join(["eval"] + argv)
 
     def train_config(self, stage: str) -> ml_collections.ConfigDict:
-        from train.cli import parse_run_flags
+        from hibari.train.cli import parse_run_flags
         return parse_run_flags(stage, self.argv(stage), default_config=None).config
 
 
@@ -196,8 +199,8 @@ def prepare_out(plan: Plan, fresh: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run_data(plan: Plan) -> dict:
-    from data.cli import build_parser, prepare_config_from_args
-    from data.pipeline import prepare, summary
+    from hibari.data.cli import build_parser, prepare_config_from_args
+    from hibari.data.pipeline import prepare, summary
     args = build_parser().parse_args(plan.argv("data"))
     report = prepare(prepare_config_from_args(args))
     print(summary(report), end="", file=sys.stderr)
@@ -211,28 +214,28 @@ def run_data(plan: Plan) -> dict:
 
 
 def run_training(plan: Plan, stage: str) -> dict:
-    from train.loop import train
+    from hibari.train.loop import train
     config = plan.train_config(stage)
     workdir = plan.dir(stage)
     if stage == "pretrain":
         task = None
     elif stage == "sft":
-        from align.tasks import sft_task
+        from hibari.align.tasks import sft_task
         task = sft_task(config)
     else:
-        from align.tasks import preference_task
+        from hibari.align.tasks import preference_task
         task = preference_task(config, workdir)
     summary = train(config, workdir, task)
     if summary.get("stopped_by"):
         raise Interrupted(f"{stage} stopped by {summary['stopped_by']} at step "
                           f"{summary['step']} (checkpoint saved)")
-    from model import ModelConfig, count_params
+    from hibari.model import ModelConfig, count_params
     cfg = ModelConfig.from_dict(config.model.to_dict())
     result = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and k != "mfu"}
     result.update(params=count_params(cfg)._asdict(), model=cfg.to_dict(),
                   tokens=config.steps * config.data.batch_size * config.data.seq_len)
     if stage == "pretrain":
-        from data.loader import unigram_cross_entropy
+        from hibari.data.loader import unigram_cross_entropy
         result["unigram_eval_loss"] = unigram_cross_entropy(
             config.data.path, config.data.eval_path, cfg.vocab_size)
     return result
@@ -248,8 +251,8 @@ def heldout_task_paths(plan: Plan) -> dict[str, Path]:
 def write_heldout_tasks(plan: Plan) -> dict[str, list[str]]:
     """Perplexity task files over the held-out documents of each language (never trained on);
     returns their texts."""
-    from data.pipeline import split_docs
-    from data.sources import write_jsonl
+    from hibari.data.pipeline import split_docs
+    from hibari.data.sources import write_jsonl
     data_cfg = json.loads((plan.dir("data") / "report.json").read_text())["config"]
     docs = list(split_docs(str(plan.dir("data") / "corpus.jsonl.gz"), data_cfg["heldout_every"],
                            heldout=True))
@@ -273,13 +276,13 @@ def write_heldout_tasks(plan: Plan) -> dict[str, list[str]]:
 def unigram_bpb(log_p, tokenizer, texts: list[str]) -> float:
     """Bits per byte of a unigram model (`log_p[v]`) on `texts`, tokenized as the harness
     tokenizes them: the context-free baseline in the harness's units."""
-    from evaluation.tokenizer import utf8_len
+    from hibari.evaluation.tokenizer import utf8_len
     nll = -sum(float(log_p[tokenizer.encode(t, bos=False)].sum()) for t in texts)
     return nll / (math.log(2) * sum(utf8_len(t) for t in texts))
 
 
 def instruction_prompt(template_name: str, instruction: str) -> str:
-    from align.templates import get_template
+    from hibari.align.templates import get_template
     return "".join(s.text for s in get_template(template_name).prompt({"instruction": instruction}))
 
 
@@ -288,10 +291,11 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str)
     and greedy generations through the SFT `template` of one trained model."""
     import numpy as np
     from tqdm import tqdm
-    from evaluation.lm import load_lm
-    from evaluation.report import write_results
-    from evaluation.runner import evaluate_task
-    from evaluation.tasks import load_task
+
+    from hibari.evaluation.lm import load_lm
+    from hibari.evaluation.report import write_results
+    from hibari.evaluation.runner import evaluate_task
+    from hibari.evaluation.tasks import load_task
     qc, out = plan.qc, plan.dir("eval") / model
     lm = load_lm(plan.dir(model), plan.tokenizer, batch_size=qc.eval.batch_size)
     tasks = [load_task(n) for n in qc.eval.tasks] + \
@@ -324,15 +328,16 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str)
 
 
 def run_eval(plan: Plan) -> dict:
-    from evaluation.tokenizer import load_tokenizer
     import numpy as np
-    from data.loader import target_counts, unigram_probs
+
+    from hibari.data.loader import target_counts, unigram_probs
+    from hibari.evaluation.tokenizer import load_tokenizer
     texts = write_heldout_tasks(plan)
     tokenizer = load_tokenizer(plan.tokenizer)
     log_p = np.log(unigram_probs(target_counts(str(plan.dir("data") / "packed"),
                                                tokenizer.vocab_size)))
     baseline = {lang: unigram_bpb(log_p, tokenizer, t) for lang, t in texts.items() if t}
-    from align.tasks import heldout_pair_scorer
+    from hibari.align.tasks import heldout_pair_scorer
     dpo_config = plan.train_config("dpo")
     template = plan.train_config("sft").data.template
     # The models share one shape: the pairs are tokenized and the scorer compiled once.
@@ -375,7 +380,7 @@ def matmul_flops_per_s() -> float:
 
 def estimate(plan: Plan) -> dict[str, float]:
     """Seconds per stage on this machine, from the models' FLOPs and a measured matmul rate."""
-    from model import ModelConfig, flops_per_token
+    from hibari.model import ModelConfig, flops_per_token
     rate = matmul_flops_per_s() * TRAIN_EFFICIENCY
     qc = plan.qc
     base = load_python_config(qc.pretrain.base, "pretrain.base", QuickstartError)
@@ -400,7 +405,7 @@ def estimate(plan: Plan) -> dict[str, float]:
 
 def run(plan: Plan, fresh: bool = False, until: str | None = None) -> Path:
     """Run (or resume) every stage up to `until`, then write the report; returns its path."""
-    from train.quickstart_report import write_report
+    from hibari.quickstart_report import write_report
     prepare_out(plan, fresh)
     todo = STAGES[:STAGES.index(until) + 1] if until else STAGES
     records = {s: finished(plan, s) for s in STAGES}
@@ -440,12 +445,10 @@ def quickstart_main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", choices=STAGES, help="stop after this stage (the report covers "
                    "the stages done so far)")
     args = p.parse_args(argv)
-    from train.cli import setup_logging, user_errors
+    from hibari.train.cli import setup_logging
     setup_logging()
-    from align.data import AlignDataError
     try:
-        with user_errors("quickstart", (QuickstartError, ConfigFileError, AlignDataError)):
-            report = run(load_plan(args.config, args.out), args.fresh, args.until)
+        report = run(load_plan(args.config, args.out), args.fresh, args.until)
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"\nhibari quickstart: interrupted ({e or 'Ctrl-C'}); rerun the same command to "
               "resume: finished stages are kept", file=sys.stderr)

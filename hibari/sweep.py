@@ -31,7 +31,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from train.config_files import ConfigFileError, apply_overrides, load_python_config
+from hibari.base.config_files import ConfigFileError, apply_overrides, load_python_config
+from hibari.base.resources import resource_path
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,8 @@ def _set_steps(config, sweep, steps: int, eval_every: int) -> None:
 
 
 def _counts(config, param_count: str) -> tuple[int, int, int, float]:
-    from model.counting import count_params, flops_per_token
-    from train.loop import model_config
+    from hibari.model.counting import count_params, flops_per_token
+    from hibari.train.loop import model_config
     cfg = model_config(config)
     total, non_embedding = count_params(cfg)
     n = total if param_count == "total" else non_embedding
@@ -315,7 +316,7 @@ def _dedup_by_step(records: list[dict]) -> list[dict]:
 
 
 def read_member_metrics(run_dir: Path) -> list[dict]:
-    from train.metrics import read_metrics
+    from hibari.train.metrics import read_metrics
     path = run_dir / "metrics.jsonl"
     return _dedup_by_step(read_metrics(path)) if path.exists() else []
 
@@ -345,14 +346,14 @@ def _write_member_config(member: Member, run_dir: Path) -> Path:
 
 
 def _pretrain_command(config_path: Path, run_dir: Path) -> list[str]:
-    member_config = Path(__file__).with_name("sweep_member.py")
+    member_config = resource_path("hibari", "sweep_member.py")
     return [sys.executable, "-m", "hibari", "pretrain", "--config",
             f"{member_config}:{config_path}", "--workdir", str(run_dir)]
 
 
 def _run_in_process(member: Member, run_dir: Path) -> str | None:
     """Train one member here; returns the signal name if SIGTERM/SIGINT stopped it."""
-    from train.loop import train
+    from hibari.train.loop import train
     start = time.perf_counter()
     summary = train(member.config, run_dir)
     _record_wall_time(run_dir, time.perf_counter() - start)
@@ -413,7 +414,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | Path, parallel: i
                 break
     rows = write_results(members, workdir)
     if report and rows:
-        from train.sweep_report import write_report
+        from hibari.sweep_report import write_report
         write_report(workdir)
     return {"members": len(members), "skipped": skipped, "already_finished": done,
             "trained": trained, "failures": failures, "rows": len(rows),

@@ -1,0 +1,71 @@
+"""The fields every training recipe has: model, mesh and axis rules, optimizer, loop. Recipe files
+extend it (configs/pretrain/llama.py, configs/sft, configs/dpo, configs/reward) with their shape,
+data and any fields of their own."""
+import ml_collections
+
+from hibari.train.sharding import DEFAULT_RULES
+
+# Sequences of mesh axes as lists, as config.json and --config.rules write them.
+RULES = [[axis, list(mesh) if isinstance(mesh, tuple) else mesh] for axis, mesh in DEFAULT_RULES]
+
+
+def base_config(name: str, steps: int, *, shape: dict, data: dict, lr: float,
+                weight_decay: float, accelerator: bool = False) -> ml_collections.ConfigDict:
+    """`shape`: vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len;
+    `data`: the recipe's data fields; `accelerator`: bf16 compute, cuDNN attention and remat."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.seed = 0  # fixes the initialisation and the data order
+    c.steps = steps  # optimizer steps (warmup, eval and checkpoint intervals follow it)
+
+    c.model = ml_collections.ConfigDict(dict(
+        **shape, rope_theta=10000.0, norm_eps=1e-5,
+        tie_embeddings=False, param_dtype="float32",
+        compute_dtype="bfloat16" if accelerator else "float32", init_std=0.02,
+        norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False, qkv_bias=False,
+        qk_norm=False, attention="cudnn" if accelerator else "xla", scan_layers=True,
+        remat="dots_no_batch" if accelerator else "none"))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = RULES  # logical axis -> mesh axes (docs/running.md)
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay,
+        clip_norm=1.0, schedule="cosine", warmup_steps=0,
+        min_lr_ratio=0.1, decay_fraction=0.2, decay_embeddings=False))
+    # schedule: cosine | wsd | constant; min_lr_ratio: the floor of the decay; decay_fraction:
+    # wsd's final decay share of the steps; decay_embeddings: weight decay on embeddings/norms
+    # Fields derived from `steps` are references, so --config.steps=N rescales them
+    # (an explicit override of the field itself wins).
+    steps_ref = c.get_ref("steps")
+    c.optim.warmup_steps = steps_ref // 20 if steps // 20 <= 2000 else 2000
+
+    c.data = ml_collections.ConfigDict(data)
+
+    c.grad_accum = 1  # micro-batches per step (same global batch, less memory)
+    c.z_loss = 0.0  # weight of the PaLM z-loss, log(Z)^2
+    c.logits_chunk = 0  # >0: compute logits in sequence chunks of this size (memory)
+    c.nan_policy = "stop"  # stop | skip
+
+    c.log_every = 10  # steps between metrics.jsonl / TensorBoard records
+    c.eval_every = steps_ref // 5  # also evaluated at the final step
+    c.eval_batches = 4  # held-out batches per evaluation
+    c.checkpoint_every = steps_ref // 5  # 0 = only the final step
+    c.keep_checkpoints = 3  # newest checkpoints kept
+    c.async_checkpoint = True  # write checkpoints in the background
+    return c
+
+
+def align_config(name: str, steps: int, seq_len: int = 512, batch_size: int = 8,
+                 lr: float = 1e-3) -> ml_collections.ConfigDict:
+    """The fields shared by configs/sft, configs/dpo and configs/reward: a tiny CPU model by
+    default; with `init_from` the model config comes from the checkpoint."""
+    c = base_config(
+        name, steps, lr=lr, weight_decay=0.0,
+        shape=dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                   head_dim=16, d_ff=192, max_seq_len=seq_len),
+        data=dict(tokenizer="align/assets/seed_sp.model",
+                  train_path="align/assets/seed_sft.jsonl", eval_path="", eval_fraction=0.1,
+                  template="alpaca_en", seq_len=seq_len, batch_size=batch_size))
+    c.init_from = ""  # run dir / step dir / params export / HF dir; "" = fresh tiny model
+    return c

@@ -1,0 +1,57 @@
+"""The `hibari` command (`hibari.cli:main`): one entry point, subcommands owned by each room.
+
+Subcommands are registered as "module:function" strings and imported only when run, so
+`hibari --help` is instant (no JAX import). Each function takes the remaining argv and raises a
+`UserError` on bad input; `main` catches it here, once, and prints its message without a
+traceback (exit status 1).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function, one-line help). Rooms add their commands here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("hibari.quickstart:quickstart_main", "the whole pipeline on the bundled corpus (CPU, minutes) -> OUT/report.md"),
+    "convert": ("hibari.model.cli:convert_main", "import/export Hugging Face Llama-family checkpoints"),
+    "pretrain": ("hibari.train.cli:pretrain_main", "pretrain a model from a config (resumes from its workdir)"),
+    "sweep": ("hibari.sweep_cli:sweep_main", "run a sweep of pretraining runs (grid / IsoFLOP), results table, ablation report"),
+    "scaling": ("hibari.evaluation.scaling.cli:scaling_main", "fit scaling laws (Kaplan, Chinchilla 1-3) to sweep results"),
+    "data": ("hibari.data.cli:data_main", "corpus cleaning, filtering, dedup, tokenizer, packing"),
+    "eval": ("hibari.evaluation.cli:eval_main", "evaluate a checkpoint on tasks (multiple choice, generation, perplexity, pass@k)"),
+    "generate": ("hibari.evaluation.cli:generate_main", "complete prompts with a checkpoint (KV-cache decoding)"),
+    "sft": ("hibari.align.cli:sft_main", "supervised fine-tuning, response-only loss (resumes from its workdir)"),
+    "dpo": ("hibari.align.cli:dpo_main", "preference optimisation: DPO / IPO / hinge / KTO"),
+    "reward": ("hibari.align.cli:reward_main", "train a reward model (scalar head, Bradley-Terry)"),
+}
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: hibari <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `hibari <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"hibari: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    from hibari.base.errors import UserError
+    try:
+        result = getattr(importlib.import_module(module), func)(rest)
+    except UserError as e:
+        print(f"hibari {name}: error: {e}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
