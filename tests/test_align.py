@@ -1,7 +1,6 @@
 """align/: loss formulas vs numpy transcriptions of the papers, templates, response-only masks,
 packing, reference cache, malformed records, loaders. Tiny models, single-device jit."""
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from hibari.align.templates import (
     flan_instructions,
     get_template,
 )
+from hibari.base.resources import resource_path
 from hibari.data.tokenizer import load_tokenizer
 from hibari.model import ModelConfig, apply, hidden, init
 from hibari.train.losses import next_token_targets, token_log_probs
@@ -95,7 +95,7 @@ def test_kto_reference_point_has_no_gradient(logps):
 
 # --- tokenizer and templates ---------------------------------------------------------------------
 
-ASSETS = Path(__file__).parent.parent / "align" / "assets"
+ASSETS = resource_path("hibari.align", "assets")
 
 
 @pytest.fixture(scope="module")

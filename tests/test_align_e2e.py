@@ -11,6 +11,7 @@ import pytest
 import hibari.cli
 from hibari.align import cli, tasks
 from hibari.align.reward import load_reward_model, score
+from hibari.base.resources import resource_path
 from hibari.configs.base import align_config
 from hibari.data.tokenizer import load_tokenizer
 from hibari.train.loop import build, train
@@ -18,7 +19,7 @@ from hibari.train.metrics import read_metrics
 from hibari.train.sharding import global_batch
 
 ROOT = Path(__file__).parent.parent
-TOKENIZER = str(ROOT / "align" / "assets" / "seed_sp.model")
+TOKENIZER = str(resource_path("hibari.align", "assets", "seed_sp.model"))
 COLOURS = ["red", "blue", "green", "black", "white", "brown"]
 NUMBERS = ["one", "two", "three", "four", "five", "six"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from hibari.data import CORPUS_DIR
 from hibari.data.clean import clean_docs
-from hibari.data.loader import PackedLoader
+from hibari.data.loader import Loader, PackedLoader
 from hibari.data.pack import first_fit_decreasing, pack_corpus, pack_rows, positions_from_segments
 from hibari.data.sources import read_docs
 from hibari.data.tokenizer import load_tokenizer, train_tokenizer
@@ -119,7 +119,9 @@ def same(a, b):
 
 
 def test_batches_format(packed):
-    batch = take(PackedLoader(packed["dir"], batch_size=4, seq_len=SEQ, seed=0), 1)[0]
+    loader = PackedLoader(packed["dir"], batch_size=4, seq_len=SEQ, seed=0)
+    assert isinstance(loader, Loader)  # the protocol the training loop reads
+    batch = take(loader, 1)[0]
     assert set(batch) == {"tokens", "segment_ids", "positions"}
     for v in batch.values():
         assert v.shape == (4, SEQ) and v.dtype == np.int32

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-from hibari.evaluation.tasks import TASK_DIR
 from hibari.evaluation import pass_at_k
 from hibari.evaluation.calibration import batch_calibrate, choice_probs, contextual_calibrate
 from hibari.evaluation.formats import FormatError, read_examples
@@ -13,7 +12,7 @@ from hibari.evaluation.judge import judge_pairs, summarize
 from hibari.evaluation.metrics import char_f1, exact_match, rouge_l
 from hibari.evaluation.runner import spread
 from hibari.evaluation.slick import slick_category
-from hibari.evaluation.tasks import TaskError, list_tasks, load_task
+from hibari.evaluation.tasks import TASK_DIR, TaskError, list_tasks, load_task
 
 
 @pytest.mark.parametrize("n,c", [(5, 0), (5, 2), (6, 3), (7, 7), (10, 1)])

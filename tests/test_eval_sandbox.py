@@ -2,9 +2,9 @@
 import socket
 import threading
 
-from hibari.evaluation.tasks import TASK_DIR
 from hibari.evaluation.formats import read_examples
 from hibari.evaluation.sandbox import humaneval_program, run_program
+from hibari.evaluation.tasks import TASK_DIR
 
 
 def test_passing_and_failing_programs():

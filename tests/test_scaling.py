@@ -7,6 +7,7 @@ import pytest
 from scipy.optimize import check_grad
 
 import hibari.cli
+from hibari.base.resources import resource_path
 from hibari.evaluation.scaling import (
     ParametricLaw,
     ScalingDataError,
@@ -34,7 +35,8 @@ from hibari.evaluation.scaling.synthetic import (
 
 # 32 starts spanning the region of the Hoffmann grid where LLM fits land; keeps each fit ~1 s.
 SMALL_GRID = {"a": (5.0, 15.0), "b": (5.0, 15.0), "e": (0.0, 0.5), "alpha": (0.25, 0.5), "beta": (0.25, 0.5)}
-CHINCHILLA_CSV = Path(__file__).resolve().parents[1] / "evaluation/scaling/assets/chinchilla_svg_extracted_data.csv"
+CHINCHILLA_CSV = resource_path("hibari.evaluation", "scaling", "assets",
+                               "chinchilla_svg_extracted_data.csv")
 # Besiroglu et al. 2024, Table 1: estimate and bootstrap standard error (fit on 240 points).
 BESIROGLU = {"E": (1.8172, 0.03), "A": (482.01, 124.58), "B": (2085.43, 1293.23),
              "alpha": (0.3478, 0.02), "beta": (0.3658, 0.02)}
