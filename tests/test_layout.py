@@ -207,8 +207,9 @@ USER_FILES = {"model.py": "WHO = 'the user'\n", "train.py": "WHO = 'the user'\n"
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """`pip install .` (not editable) into a fresh venv that sees this interpreter's packages
-    for the dependencies; returns (venv python, venv bin, the wheel's top-level names)."""
+    """`pip install .` (not editable) into a fresh venv that borrows this interpreter's packages
+    for the dependencies; returns (venv python, venv bin, the wheel's top-level names, its
+    files)."""
     root = tmp_path_factory.mktemp("install")
     wheels = root / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
@@ -218,9 +219,15 @@ def installed(tmp_path_factory):
         names = z.namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     bin_dir = venv / Path(sysconfig.get_path("scripts")).name
     python = bin_dir / "python"
+    # The dependencies come from this interpreter's site-packages, listed after the venv's own
+    # (a .pth line adds a path, but the .pth files there, e.g. an editable hibari, are not run).
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path("
+                                "'purelib'))"], check=True, capture_output=True, text=True)
+    deps = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (Path(venv_site.stdout.strip()) / "hibari_test_deps.pth").write_text("\n".join(sorted(deps)))
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
                    check=True, capture_output=True)
     return python, bin_dir, top, names

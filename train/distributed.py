@@ -11,6 +11,8 @@ import os
 
 import jax
 
+from hibari.base.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,8 +32,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise SystemExit("hibari: --coordinator_address, --num_processes and --process_id "
-                             "must be given together")
+            raise UsageError("--coordinator_address, --num_processes and --process_id must be "
+                             "given together")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
     elif cluster_detected():

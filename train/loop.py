@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -25,7 +25,6 @@ import numpy as np
 from tqdm import tqdm
 
 from hibari.base.errors import UserError
-from hibari.data.loader import Loader
 from hibari.model import ModelConfig, flops_per_token, init, param_axes
 from hibari.train.checkpoint import Checkpointer
 from hibari.train.losses import lm_loss_fn
@@ -40,6 +39,9 @@ from hibari.train.sharding import (
 )
 from hibari.train.step import create_state, make_eval_step, make_train_step, state_shardings
 from hibari.train.synthetic import SyntheticTokens
+
+if TYPE_CHECKING:  # grain is imported only when packed data is read
+    from hibari.data.loader import Loader
 
 log = logging.getLogger(__name__)
 
