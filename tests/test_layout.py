@@ -10,7 +10,9 @@ Layers, lowest first (a module may import its own room and any lower layer):
     hibari.configs                    leaves: read by the command line, imported by no room
 """
 import ast
+import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -184,7 +186,11 @@ def test_the_walk_catches_each_kind_of_problem(tmp_path, case, files, expected):
 
 
 def test_the_distribution_installs_only_hibari():
-    """setup.py's packages: `hibari` and what is under it, each mapped to its folder."""
+    """The installed distribution's top-level names, and setup.py's packages: `hibari` and
+    what is under it, each mapped to its folder."""
+    top_level = importlib.metadata.distribution("hibari").read_text("top_level.txt")
+    assert top_level.split() == ["hibari"]
+    pytest.importorskip("setuptools")  # setup.py imports it (present wherever pip builds)
     sys.path.insert(0, str(REPO))
     try:
         namespace: dict = {}
@@ -211,9 +217,14 @@ def installed(tmp_path_factory):
     for the dependencies; returns (venv python, venv bin, the wheel's top-level names, its
     files)."""
     root = tmp_path_factory.mktemp("install")
+    # Built from a copy: pip builds in the source tree, and a stale build/ there could carry
+    # deleted modules into the wheel (or this test's build would litter the checkout).
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "runs", "__pycache__", ".pytest_cache"))
     wheels = root / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     (wheel,) = wheels.glob("hibari-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
