@@ -16,10 +16,10 @@ import re
 import sys
 from pathlib import Path
 
+from hibari.base.config_files import ROOMS, load_python_config, package_file
 from hibari.base.resources import resource_path
 
 OUT = "docs/config_reference.md"
-ROOMS = ("model", "data", "train", "align", "evaluation", "configs")
 # (config spec, the files whose comments describe its fields)
 CONFIGS = (
     ("configs/pretrain/llama.py:tiny", ("configs/pretrain/llama.py", "configs/base.py",
@@ -45,17 +45,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def source(path: str) -> Path:
-    """A repository path (`configs/base.py`) as the installed file (hibari.configs' base.py)."""
-    room, _, rest = path.partition("/")
-    return resource_path(f"hibari.{room}", *rest.split("/"))
-
-
 def comments(files) -> dict[str, str]:
     """{field name: comment} from `name=value,  # comment` / `c.name = value  # comment` lines."""
     found: dict[str, str] = {}
     for f in files:
-        for line in source(f).read_text(encoding="utf-8").splitlines():
+        for line in package_file(f).read_text(encoding="utf-8").splitlines():
             m = COMMENT.search(line)
             if m and m.group(1) not in found:
                 found[m.group(1)] = m.group(2).strip()
@@ -70,11 +64,10 @@ def _value(v) -> str:
 
 
 def section(spec: str, files) -> str:
-    from hibari.base.config_files import load_python_config
     config = load_python_config(spec)
     fields = flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     notes = comments(files)
-    module_doc = source(spec.split(":")[0]).read_text(encoding="utf-8").split('"""')[1]
+    module_doc = package_file(spec.split(":")[0]).read_text(encoding="utf-8").split('"""')[1]
     lines = [f"## `{spec}`", "", module_doc.strip().split("\n\n")[0], "",
              "| field | default | note |", "|---|---|---|"]
     for name, value in fields.items():

@@ -35,7 +35,6 @@ def abstract_tree(tree, shardings=None):
                         tree, shardings)
 
 
-
 def save_params(directory: str | os.PathLike, cfg: ModelConfig, params) -> Path:
     """Write `directory/model_config.json` and `directory/params/` (refuses to overwrite)."""
     directory = Path(directory).absolute()
@@ -107,4 +106,3 @@ def restore_tree(directory: str | os.PathLike, shapes, shardings=None):
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{directory}: parameters do not match the model config "
                               f"({type(e).__name__}: {e})") from e
-

@@ -65,9 +65,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, shardings) -> tuple[Any, dict[str, Any]]:
         """Restore step onto `shardings` (a TrainState of shardings; any mesh shape)."""
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_state, shardings)
+        target = abstract_tree(abstract_state, shardings)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target.params),
             opt_state=ocp.args.StandardRestore(target.opt_state),

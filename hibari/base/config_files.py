@@ -24,19 +24,22 @@ class ConfigFileError(UserError, ValueError):
     """A config file or an override of one is invalid; the message names the field."""
 
 
+def package_file(path: str | os.PathLike) -> Path | None:
+    """The installed file a repository path names (`align/assets/x` -> hibari.align's
+    `assets/x`), whether or not it exists; None when `path` does not start with a room."""
+    room, _, rest = Path(path).as_posix().partition("/")
+    return resource_path(f"hibari.{room}", *rest.split("/")) if room in ROOMS and rest else None
+
+
 def resolve_path(path: str | os.PathLike) -> str:
     """`path` as given when it exists (relative to the working directory or absolute), else the
-    file of the installed package it names (`align/assets/x` -> hibari.align's `assets/x`);
-    unchanged when neither exists (the caller reports the missing file)."""
+    file of the installed package it names (`package_file`); unchanged when neither exists
+    (the caller reports the missing file)."""
     path = str(path)
     if not path or Path(path).exists() or os.path.isabs(path):
         return path
-    room, _, rest = Path(path).as_posix().partition("/")
-    if room in ROOMS and rest:
-        candidate = resource_path(f"hibari.{room}", *rest.split("/"))
-        if candidate.exists():
-            return str(candidate)
-    return path
+    candidate = package_file(path)
+    return str(candidate) if candidate is not None and candidate.exists() else path
 
 
 def resolve_config_path(spec: str) -> str:
