@@ -4,6 +4,8 @@
         --config.init_from=runs/pretrain --config.data.tokenizer=tok.model
     hibari dpo --config configs/dpo/pairs.py:ipo --workdir runs/ipo --config.init_from=runs/sft
     hibari reward --config configs/reward/pairs.py --workdir runs/rm --config.init_from=runs/sft
+    hibari ppo --config configs/rl/ppo.py:tiny --workdir runs/ppo-tiny
+    hibari grpo --config configs/rl/grpo.py:tiny --workdir runs/grpo-tiny
 
 A rerun with the same command resumes from the workdir's latest checkpoint (the loader position
 included); DPO's precomputed reference cache is reused. Distributed flags as `hibari pretrain`.
@@ -15,7 +17,7 @@ import sys
 from hibari.train.cli import parse_run_flags, setup_logging
 
 
-def _run(prog: str, argv: list[str], default_config: str, make_task) -> int:
+def _run(prog: str, argv: list[str], default_config: str, make_task, after=None) -> int:
     setup_logging()
     fv = parse_run_flags(prog, argv, default_config=default_config)
     from hibari.train.distributed import initialize
@@ -23,6 +25,8 @@ def _run(prog: str, argv: list[str], default_config: str, make_task) -> int:
     from hibari.train.loop import train
     task = make_task(fv.config, fv.workdir)
     summary = train(fv.config, fv.workdir, task)
+    if after is not None:
+        after(fv.config, fv.workdir)
     shown = {k: v for k, v in summary.items() if k != "params"}
     print(f"hibari {prog}: {shown}", file=sys.stderr)
     return 0
@@ -41,3 +45,18 @@ def dpo_main(argv: list[str]) -> int:
 def reward_main(argv: list[str]) -> int:
     from hibari.align.tasks import reward_task
     return _run("reward", argv, "configs/reward/pairs.py", lambda config, _: reward_task(config))
+
+
+def _rl(algorithm: str, argv: list[str]) -> int:
+    from hibari.align.rl_train import plot_run, rl_task
+    return _run(algorithm, argv, f"configs/rl/{algorithm}.py:tiny",
+                lambda config, workdir: rl_task(config, workdir, algorithm),
+                after=lambda config, workdir: plot_run(workdir, config.name))
+
+
+def ppo_main(argv: list[str]) -> int:
+    return _rl("ppo", argv)
+
+
+def grpo_main(argv: list[str]) -> int:
+    return _rl("grpo", argv)

@@ -215,7 +215,7 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
         return preference.preference_loader(eval_rows, batch_size=local_batch(config),
                                             seed=config.seed, split="eval", ref_logps=eval_ref)
 
-    def on_eval(step, policy):
+    def on_eval(step, policy, frozen=None):
         if eval_rows is None:
             return {}
         return preference.heldout_metrics(fn, policy, eval_rows, eval_ref, config.beta, batch,
@@ -277,7 +277,7 @@ def reward_task(config: ml_collections.ConfigDict) -> Task:
 
     accuracy_fn = None
 
-    def on_eval(step, params):
+    def on_eval(step, params, frozen=None):
         """Held-out pair accuracy (ties 1/2) over the whole eval split."""
         nonlocal accuracy_fn
         if eval_rows is None:

@@ -69,3 +69,39 @@ def align_config(name: str, steps: int, seq_len: int = 512, batch_size: int = 8,
                   template="alpaca_en", seq_len=seq_len, batch_size=batch_size))
     c.init_from = ""  # run dir / step dir / params export / HF dir; "" = fresh tiny model
     return c
+
+
+def rl_config(name: str, algorithm: str, steps: int, *, batch_size: int, prompt_len: int,
+              max_new_tokens: int, lr: float) -> ml_collections.ConfigDict:
+    """The fields of configs/rl (PPO and GRPO): align_config's model and data, plus the
+    rollout, the reward, the KL penalty and each algorithm's update settings."""
+    c = align_config(name, steps, seq_len=prompt_len + max_new_tokens, batch_size=batch_size,
+                     lr=lr)
+    c.algorithm = algorithm  # the command that runs this config: ppo | grpo
+    c.data.prompt_len = prompt_len  # prompts are left-padded to this many tokens (longer: skipped)
+    # data.train_path: JSONL records with "prompt" (string, {instruction, input} or chat
+    # messages) or SFT-style "instruction"/"input", plus any fields a reward reads ("answer")
+    c.optim.schedule = "constant"
+    c.optim.clip_norm = 1.0
+    c.optim.b2 = 0.999
+    c.eval_batches = 1  # unused: held-out prompts are all scored at each evaluation
+    c.rollout = ml_collections.ConfigDict(dict(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0))
+    c.reward = ml_collections.ConfigDict(dict(
+        name="japanese_share",  # a reward registered in hibari.align.rewards, or "model"
+        model="",  # with name="model": the run directory of `hibari reward`
+        args={},  # keyword arguments of the programmatic reward
+        missing_eos_penalty=0.0,  # subtracted from the score of a response with no eos
+        clip=0.0,  # > 0: clip scores to [-clip, clip]
+        normalize=False))  # whiten the scores over each rollout batch
+    c.kl = ml_collections.ConfigDict(dict(
+        beta=0.05,  # KL(pi || pi_ref) coefficient (PPO: per-token penalty; GRPO: in the loss)
+        adaptive=False, target=6.0, horizon=10000))  # PPO: Ziegler et al.'s controller
+    c.ppo = ml_collections.ConfigDict(dict(
+        epochs=4, minibatches=2, clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95,
+        vf_coef=0.1, entropy_coef=0.0, whiten_rewards=False, whiten_advantages=True,
+        value="head"))  # value: "head" on the policy trunk | "critic" (a separate model)
+    c.grpo = ml_collections.ConfigDict(dict(
+        group_size=4, epochs=1, minibatches=1, clip_eps=0.2))
+    c.eval = ml_collections.ConfigDict(dict(temperature=0.0))  # held-out prompts' decoding
+    return c

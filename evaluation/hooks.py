@@ -34,7 +34,7 @@ def make_eval_hook(task_names: Sequence[str], tokenizer: EvalTokenizer | str, cf
         t.examples()  # fail before the first step, not at the first evaluation
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
 
-    def on_eval(step: int, params) -> dict:
+    def on_eval(step: int, params, frozen=None) -> dict:
         lm = LanguageModel(cfg, params, tok, batch_size=batch_size)
         results = [evaluate_task(lm, t, fewshot=fewshot, limit=limit) for t in tasks]
         flat = {}

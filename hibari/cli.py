@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("hibari.align.cli:sft_main", "supervised fine-tuning, response-only loss (resumes from its workdir)"),
     "dpo": ("hibari.align.cli:dpo_main", "preference optimisation: DPO / IPO / hinge / KTO"),
     "reward": ("hibari.align.cli:reward_main", "train a reward model (scalar head, Bradley-Terry)"),
+    "ppo": ("hibari.align.cli:ppo_main", "RL with PPO against a reward model or a programmatic reward"),
+    "grpo": ("hibari.align.cli:grpo_main", "RL with GRPO (group-normalised advantages, no critic)"),
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hibari.sweep import read_member_metrics
+from hibari.train.metrics import metric_series, plot_panels
 
 MODEL_TITLES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO"}
 SECTIONS = ("Stages", "1. Data", "2. Pretraining", "3. Instruction tuning (SFT)",
@@ -41,51 +42,22 @@ def _f(x, digits: int = 4) -> str:
 # Plots
 # ---------------------------------------------------------------------------------------------
 
-def _plot_training(path: Path, title: str, panels: list[tuple[str, list[tuple]]],
-                   hlines: dict | None = None) -> None:
-    """One PNG with one panel per (ylabel, [(label, xs, ys, style)])."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
-    for ax, (ylabel, series) in zip(axes[0], panels):
-        for label, xs, ys, style in series:
-            if xs:
-                ax.plot(xs, ys, style, label=label, markersize=4)
-        for label, y in (hlines or {}).get(ylabel, {}).items():
-            ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _series(records: list[dict], key: str) -> tuple[list, list]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def training_plot(plan, stage: str, records: list[dict], unigram: float | None = None
                   ) -> Path | None:
     """`records`: the run's metrics.jsonl records (one per step)."""
     if not records:
         return None
-    loss = [("train loss", *_series(records, "loss"), "-"),
-            ("held-out loss", *_series(records, "eval_loss"), "o-")]
+    loss = [("train loss", *metric_series(records, "loss"), "-"),
+            ("held-out loss", *metric_series(records, "eval_loss"), "o-")]
     panels = [("DPO loss, -log sigmoid(reward margin)" if stage == "dpo" else "loss (nats/token)",
                loss)]
     if stage == "dpo":
         panels.append(("preference accuracy", [
-            ("train batch", *_series(records, "accuracy"), "-"),
-            ("held-out pairs", *_series(records, "heldout_accuracy"), "o-")]))
+            ("train batch", *metric_series(records, "accuracy"), "-"),
+            ("held-out pairs", *metric_series(records, "heldout_accuracy"), "o-")]))
     hlines = {"loss (nats/token)": {"unigram baseline": unigram}} if unigram else None
     path = plan.dir("plots") / f"{stage}.png"
-    _plot_training(path, f"{MODEL_TITLES[stage]} ({plan.dir(stage)})", panels, hlines)
+    plot_panels(path, f"{MODEL_TITLES[stage]} ({plan.dir(stage)})", panels, hlines)
     return path
 
 

@@ -3,7 +3,7 @@
 A training run keeps `workdir/checkpoints/<step>/` with four items:
   params     the model parameters (orbax StandardSave, sharded arrays)
   opt_state  the optimizer state (StandardSave)
-  meta       {step, rng} (StandardSave)
+  meta       {step, rng} and the task's `extra` state when it has one (StandardSave)
   loader     the data loader's position (JSON)
 and the resolved config in `workdir/config.json` (the model config under "model").
 
@@ -30,6 +30,13 @@ from hibari.model.params_io import (  # noqa: F401
 )
 
 ITEMS = ("params", "opt_state", "meta", "loader")
+
+
+def _meta(state) -> dict:
+    meta = {"step": state.step, "rng": state.rng}
+    if state.extra is not None:
+        meta["extra"] = state.extra
+    return meta
 
 
 class Checkpointer:
@@ -59,7 +66,7 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+            meta=ocp.args.StandardSave(_meta(state)),
             loader=ocp.args.JsonSave(loader_state),
         ), force=True)
 
@@ -69,12 +76,13 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target.params),
             opt_state=ocp.args.StandardRestore(target.opt_state),
-            meta=ocp.args.StandardRestore({"step": target.step, "rng": target.rng}),
+            meta=ocp.args.StandardRestore(_meta(target)),
             loader=ocp.args.JsonRestore(),
         ))
         state = abstract_state.replace(
             params=restored.params, opt_state=restored.opt_state,
-            step=restored.meta["step"], rng=restored.meta["rng"])
+            step=restored.meta["step"], rng=restored.meta["rng"],
+            extra=restored.meta.get("extra", abstract_state.extra))
         return state, dict(restored.loader or {})
 
     def wait(self) -> None:

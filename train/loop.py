@@ -229,14 +229,25 @@ class Task:
 
     loss_fn(params, batch, rng) -> (loss, aux), or (params, batch, rng, frozen) when
     `frozen_params` is given (e.g. DPO's reference model, held sharded and never updated).
+
+    A task whose step is more than one gradient step on a loss (RL: sample, score, several
+    minibatch updates) gives `make_step(optimizer=, schedule=, mesh=, rules=,
+    state_shardings=) -> step_fn(state, batch) -> (state, metrics)` instead; metrics must hold
+    "loss" and "finite" like the generic step's. `updates_per_step` sizes the learning-rate
+    schedule (optimizer updates per loop step) and `init_extra` makes the state's `extra`
+    (checkpointed with it).
     """
     loss_fn: Callable | None = None
     init_params: Callable[[], Any] | None = None  # traceable fresh initialisation
     base_params: Any = None  # loaded parameters to start from (fine-tuning)
     param_axes: Any = None  # logical PartitionSpecs when params are not a plain Transformer
     frozen_params: Any = None
+    frozen_axes: Any = None  # logical PartitionSpecs of frozen_params (default: a Transformer)
     make_loader: Callable[[str], Loader | None] | None = None  # split ("train" / "eval") -> loader
-    on_eval: Callable[[int, Any], dict] | None = None  # (step, params) -> extra metrics
+    on_eval: Callable[..., dict] | None = None  # (step, params, frozen) -> extra metrics
+    make_step: Callable[..., Callable] | None = None
+    updates_per_step: int = 1
+    init_extra: Callable[[], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -282,7 +293,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None,
         raise TrainConfigError(
             f"config.data.batch_size={config.data.batch_size} must be divisible by the batch "
             f"sharding ({batch_divisor(mesh, rules)} = data x fsdp) x grad_accum")
-    optimizer, schedule = make_optimizer(config.optim, config.steps)
+    optimizer, schedule = make_optimizer(config.optim, config.steps * task.updates_per_step)
     root = jax.random.key(config.seed)
     make_params = task.init_params or (lambda: init(cfg, jax.random.fold_in(root, 0)))
     abstract_params = (jax.eval_shape(lambda: task.base_params) if task.base_params is not None
@@ -291,11 +302,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None,
     frozen_sh = frozen = None
     if task.frozen_params is not None:
         frozen_shapes = jax.eval_shape(lambda: task.frozen_params)
-        frozen_sh = logical_shardings(param_axes(cfg), frozen_shapes, mesh, rules)
+        frozen_sh = logical_shardings(task.frozen_axes or param_axes(cfg), frozen_shapes, mesh,
+                                      rules)
         frozen = jax.device_put(task.frozen_params, frozen_sh)
 
     def new_state(params):
-        return create_state(params, optimizer, jax.random.fold_in(root, 1))
+        state = create_state(params, optimizer, jax.random.fold_in(root, 1))
+        return state.replace(extra=task.init_extra()) if task.init_extra else state
 
     abstract_state = jax.eval_shape(new_state, abstract_params)
     state_sh = state_shardings(abstract_state, param_sh, optimizer, mesh)
@@ -303,8 +316,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None,
         abstract_state = abstract_state.replace(frozen=jax.eval_shape(lambda: frozen))
         state_sh = state_sh.replace(frozen=frozen_sh)
     loss_fn = task.loss_fn or lm_loss_fn(cfg, config.z_loss, config.logits_chunk)
-    step_fn = make_train_step(loss_fn, optimizer, schedule, mesh=mesh, rules=rules,
-                              state_shardings=state_sh, grad_accum=config.grad_accum)
+    if task.make_step is not None:
+        step_fn = task.make_step(optimizer=optimizer, schedule=schedule, mesh=mesh, rules=rules,
+                                 state_shardings=state_sh)
+    else:
+        step_fn = make_train_step(loss_fn, optimizer, schedule, mesh=mesh, rules=rules,
+                                  state_shardings=state_sh, grad_accum=config.grad_accum)
     eval_fn = make_eval_step(loss_fn, mesh=mesh, rules=rules, param_shardings=param_sh,
                              frozen_shardings=frozen_sh)
 
@@ -429,7 +446,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
                         if eval_loss is not None:
                             record["eval_loss"] = eval_loss
                         if run.task.on_eval is not None:
-                            record.update(run.task.on_eval(step, state.params))
+                            record.update(run.task.on_eval(step, state.params, state.frozen))
                     if do_log:
                         writer.write(step, record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}")

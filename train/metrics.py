@@ -100,3 +100,38 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots of metrics.jsonl
+# ---------------------------------------------------------------------------------------------
+
+def plot_panels(path: Path, title: str, panels: list[tuple[str, list[tuple]]],
+                hlines: dict | None = None) -> None:
+    """One PNG with one panel per (ylabel, [(label, xs, ys, style)]); `hlines`: {ylabel:
+    {label: y}} reference lines (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for label, xs, ys, style in series:
+            if xs:
+                ax.plot(xs, ys, style, label=label, markersize=4)
+        for label, y in (hlines or {}).get(ylabel, {}).items():
+            ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metric_series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records of metrics.jsonl that hold a number under `key`."""
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]

@@ -30,6 +30,7 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array  # uint32 key data, split once per step
     frozen: Any = None  # parameters the loss reads but never updates (a reference model)
+    extra: Any = None  # small task state carried between steps (RL's adaptive KL coefficient)
 
 
 def create_state(params, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -44,7 +45,9 @@ def state_shardings(abstract_state: TrainState, param_shardings, optimizer, mesh
     opt = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
         transform_non_params=lambda _: rep)
-    return TrainState(step=rep, params=param_shardings, opt_state=opt, rng=rep, frozen=None)
+    extra = jax.tree.map(lambda _: rep, abstract_state.extra)
+    return TrainState(step=rep, params=param_shardings, opt_state=opt, rng=rep, frozen=None,
+                      extra=extra)
 
 
 def _split_microbatches(batch: dict, n: int, mesh, rules) -> dict:
