@@ -250,10 +250,9 @@ def ppo_loss(spec: Spec, params, mb):
     ent = rl.masked_mean(entropy, mask)
     loss = pg + spec.vf_coef * vl - spec.entropy_coef * ent
     stats = rl.ppo_policy_stats(logp, mb["logp"], mb["advantages"], mask, spec.clip_eps)
-    stats.update(policy_loss=pg, value_loss=vl, policy_entropy=ent,
-                 value_clip_fraction=rl.masked_mean(
-                     (jnp.abs(values - mb["values"]) > spec.value_clip_eps).astype(jnp.float32),
-                     mask))
+    stats.update(rl.ppo_value_stats(values, mb["values"], mb["returns"], mask,
+                                    spec.value_clip_eps))
+    stats.update(policy_loss=pg, value_loss=vl, policy_entropy=ent)
     return loss, stats
 
 

@@ -71,12 +71,22 @@ def align_config(name: str, steps: int, seq_len: int = 512, batch_size: int = 8,
     return c
 
 
-def rl_config(name: str, algorithm: str, steps: int, *, batch_size: int, prompt_len: int,
-              max_new_tokens: int, lr: float) -> ml_collections.ConfigDict:
+RL_VARIANTS = ("tiny", "sft")
+
+
+def rl_config(algorithm: str, variant: str, *, batch_size: int) -> ml_collections.ConfigDict:
     """The fields of configs/rl (PPO and GRPO): align_config's model and data, plus the
-    rollout, the reward, the KL penalty and each algorithm's update settings."""
-    c = align_config(name, steps, seq_len=prompt_len + max_new_tokens, batch_size=batch_size,
-                     lr=lr)
+    rollout, the reward, the KL penalty and each algorithm's update settings. Variants: `tiny`
+    (a fresh tiny policy, programmatic reward, minutes on a CPU) and `sft` (a trained policy:
+    set init_from, the tokenizer and the reward)."""
+    if variant not in RL_VARIANTS:
+        raise ValueError(f"configs/rl/{algorithm}.py: unknown variant {variant!r}; choose "
+                         f"from {RL_VARIANTS}")
+    tiny = variant == "tiny"
+    prompt_len, max_new_tokens = (128, 16) if tiny else (192, 48)
+    c = align_config(f"{algorithm}-{variant}", 100 if tiny else 200,
+                     seq_len=prompt_len + max_new_tokens, batch_size=batch_size,
+                     lr=1e-3 if tiny else 1e-5)
     c.algorithm = algorithm  # the command that runs this config: ppo | grpo
     c.data.prompt_len = prompt_len  # prompts are left-padded to this many tokens (longer: skipped)
     # data.train_path: JSONL records with "prompt" (string, {instruction, input} or chat
@@ -104,4 +114,9 @@ def rl_config(name: str, algorithm: str, steps: int, *, batch_size: int, prompt_
     c.grpo = ml_collections.ConfigDict(dict(
         group_size=4, epochs=1, minibatches=1, clip_eps=0.2))
     c.eval = ml_collections.ConfigDict(dict(temperature=0.0))  # held-out prompts' decoding
+    if not tiny:
+        c.reward.missing_eos_penalty = 1.0
+    c.log_every = 1
+    c.eval_every = c.get_ref("steps") // 4
+    c.checkpoint_every = c.get_ref("steps") // 4
     return c

@@ -9,10 +9,10 @@
     out["tokens"], out["mask"], out["lengths"]   # int32[b, n], int32[b, n], int32[b]
 
 Prompts are left-padded into one batch (padding is segment 0, never attended to), prefilled in
-one forward pass (`Transformer.decode`, logits of the last position only), then extended one
-token per iteration of a `jax.lax.while_loop` that samples, writes the token and feeds it back
-through the cache; the loop ends early once every row has emitted an eos id. Nothing returns to
-the host per token. The loop keeps its cache as k/v[L, b, kv_heads, slots, head_dim] (written in
+one forward pass (`Transformer.decode(last_only=True)`), then extended one token per iteration
+of a `jax.lax.while_loop` that samples, writes the token and feeds it back through the cache;
+the loop ends early once every row has emitted an eos id. Nothing returns to the host per
+token. The loop keeps its cache as k/v[L, b, kv_heads, slots, head_dim] (written in
 place, attended without transposes; `init_cache`'s layout would cost XLA a copy of the whole
 cache per token). Greedy decoding with the cache produces the same logits as recomputing the
 full forward pass (tests/test_decode.py).
@@ -101,21 +101,6 @@ sample = jax.jit(sample_logits, static_argnames=("top_k",))
 # The traceable sampler
 # ---------------------------------------------------------------------------------------------
 
-def _forward_last(module: Transformer, tokens, segment_ids, positions, cache):
-    """`Transformer.decode` with the logits of the last position only -> (logits[b, v], cache):
-    a prefill of a long prompt never materialises [b, t, vocab] logits."""
-    index = cache["index"]
-    seg_all = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, 1)
-    pos_all = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, index, 1)
-    mask = attention_mask(segment_ids, seg_all, positions, pos_all)
-    x = module.embed_tokens(tokens, positions)
-    x, (k, v) = module.run_layers(x, mask, positions, (cache["k"], cache["v"]), index)
-    logits = module.logits(module.final_norm(x[:, -1]))
-    cache = {"k": k, "v": v, "segment_ids": seg_all, "positions": pos_all,
-             "index": index + tokens.shape[1]}
-    return logits, cache
-
-
 # The loop's cache keeps k/v as [n_layers, b, kv_heads, slots, head_dim]: attention over it
 # then needs no per-step transpose of the whole cache (with init_cache's [L, b, slots, kv, hd]
 # layout and the scanned layers, XLA:CPU copied every layer's cache per token: a step at
@@ -203,8 +188,10 @@ def start_decode(cfg: ModelConfig, params, tokens, segment_ids, key, *,
     tokens = jnp.asarray(tokens, jnp.int32)
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
     positions = positions_from_segments(segment_ids, jnp)
-    last, cache = Transformer(cfg).apply({"params": params}, tokens, segment_ids, positions,
-                                         init_cache(cfg, b, w), method=_forward_last)
+    logits, cache = Transformer(cfg).apply({"params": params}, tokens, segment_ids, positions,
+                                           init_cache(cfg, b, w), last_only=True,
+                                           method=Transformer.decode)
+    last = logits[:, -1]
     grow = lambda x, axis: jnp.pad(x, [(0, max_new_tokens if a == axis else 0)
                                        for a in range(x.ndim)])
     cache = {"k": grow(cache["k"].transpose(0, 1, 3, 2, 4), 3),

@@ -324,8 +324,10 @@ class Transformer(nn.Module):
         x, _ = self.run_layers(x, attention_mask(segment_ids, segment_ids), positions)
         return self.final_norm(x)
 
-    def decode(self, tokens, segment_ids, positions, cache):
-        """Process tokens[b, t] into cache slots [index, index + t) -> (logits[b, t, v], cache).
+    def decode(self, tokens, segment_ids, positions, cache, last_only: bool = False):
+        """Process tokens[b, t] into cache slots [index, index + t) -> (logits[b, t, v], cache);
+        `last_only`: logits[b, 1, v] of the last position (a prefill never materialises
+        [b, t, vocab] logits).
 
         The mask is by segment and position over the whole cache, so left padding (segment 0)
         and unfilled slots are never attended to by real tokens."""
@@ -337,7 +339,7 @@ class Transformer(nn.Module):
         x, (k, v) = self.run_layers(x, mask, positions, (cache["k"], cache["v"]), index)
         cache = {"k": k, "v": v, "segment_ids": seg_all, "positions": pos_all,
                  "index": index + tokens.shape[1]}
-        return self.logits(self.final_norm(x)), cache
+        return self.logits(self.final_norm(x[:, -1:] if last_only else x)), cache
 
     def logits(self, h):
         """logits[..., v] in fp32 from hidden states h[..., d]."""

@@ -90,12 +90,7 @@ def _tiny(tmp_path, algorithm: str, **fields):
     path = short_prompts(tmp_path / "prompts.jsonl")
     fields = {"async_checkpoint": False, "optim.warmup_steps": 0, "data.train_path": path,
               "data.prompt_len": 32, "data.template": "minimal", **fields}
-    for key, value in fields.items():
-        node = config
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+    config.update_from_flattened_dict(fields)
     return config
 
 
