@@ -280,7 +280,7 @@ def advantages(spec: Spec, ro, scores, kl_coef):
     adv, returns = rl.gae(rewards, ro["values"], mask, spec.gamma, spec.lam)
     if spec.whiten_advantages:
         adv = rl.masked_whiten(adv, mask) * mask
-    out.update(advantages=adv, returns=returns, token_rewards=rewards)
+    out.update(advantages=adv, returns=returns)
     return out
 
 
@@ -467,8 +467,10 @@ class Runner:
         return self._update(state, ro)
 
     def on_eval(self, step, params, frozen=None):
-        """Held-out prompts: mean score (± standard error) and KL of the policy's responses
-        at config.eval.temperature; the responses go to <workdir>/samples/<step>.jsonl."""
+        """Held-out prompts: mean score (± standard error) of the policy's responses at
+        config.eval.temperature and their summed log-ratio to the reference (`eval_kl`: a KL
+        estimate at temperature 1; greedy responses can give a negative one); the responses
+        go to <workdir>/samples/<step>.jsonl."""
         if not self.eval_prompts or frozen is None or self.mesh is None:
             return {}
         from hibari.train.sharding import global_batch
@@ -647,6 +649,7 @@ def rl_task(config: ml_collections.ConfigDict, workdir: str | Path, algorithm: s
     return Task(base_params=params, param_axes=axes, frozen_params=frozen,
                 frozen_axes=frozen_axes, make_loader=make_loader, on_eval=runner.on_eval,
                 make_step=runner.make_step, updates_per_step=spec.epochs * spec.minibatches,
+                tokens_per_step=rollout_rows * (prompt_len + max_new),
                 init_extra=lambda: {"kl_coef": jnp.float32(beta)})
 
 

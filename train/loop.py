@@ -248,6 +248,7 @@ class Task:
     make_step: Callable[..., Callable] | None = None
     updates_per_step: int = 1
     init_extra: Callable[[], Any] | None = None
+    tokens_per_step: int | None = None  # for tokens_per_s (default: batch_size x seq_len)
 
 
 @dataclasses.dataclass
@@ -385,7 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = MetricsWriter(workdir, enabled=is_main)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    tokens_per_step = run.task.tokens_per_step or config.data.batch_size * config.data.seq_len
     flops = flops_per_token(run.model, config.data.seq_len)
     state, start = run.state, int(jax.device_get(run.state.step))
     pending: list[tuple[int, dict]] = []
