@@ -12,9 +12,10 @@ from hibari.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "data" / "README.md", REPO / "align" / "README.md",
-        *sorted((REPO / "docs").glob("*.md"))]
+        *sorted((REPO / "docs").glob("*.md")), REPO / "docs" / "results" / "rl" / "README.md"]
 RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
-                "dpo": "configs/dpo/pairs.py", "reward": "configs/reward/pairs.py"}
+                "dpo": "configs/dpo/pairs.py", "reward": "configs/reward/pairs.py",
+                "ppo": "configs/rl/ppo.py", "grpo": "configs/rl/grpo.py"}
 
 
 def shown_commands() -> list[tuple[str, str]]:
@@ -40,7 +41,7 @@ COMMANDS_SHOWN = shown_commands()
 def test_docs_show_the_main_commands():
     names = {shlex.split(c, comments=True)[1] for _, c in COMMANDS_SHOWN}
     assert {"quickstart", "pretrain", "sft", "dpo", "eval", "data", "sweep", "scaling",
-            "convert"} <= names
+            "convert", "reward", "ppo", "grpo"} <= names
 
 
 @pytest.mark.parametrize("doc,command", COMMANDS_SHOWN,
