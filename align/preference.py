@@ -185,8 +185,9 @@ def preference_loader(rows: dict[str, np.ndarray], *, batch_size: int, seed: int
                       split: str = "train", ref_logps: np.ndarray | None = None,
                       shard_index: int | None = None, shard_count: int | None = None
                       ) -> RowLoader:
-    """Host-local batches of `item_rows` (plus `ref_logps[b, 2]` from a cache), reshuffled
-    per epoch from (seed, epoch) for train, one ordered pass for eval."""
+    """Host-local batches of `item_rows` (plus `ref_logps[b, 2]` from a cache) or of any rows
+    dict (RL's prompt rows), reshuffled per epoch from (seed, epoch) for train, one ordered
+    pass for eval."""
     rows = dict(rows)
     if ref_logps is not None:
         rows["ref_logps"] = np.asarray(ref_logps, np.float32)

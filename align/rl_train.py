@@ -41,19 +41,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from hibari.align import reward as reward_model
 from hibari.align import rl
-from hibari.align.data import AlignDataError, RowLoader, SegmentEncoder, Skipped, read_records
-from hibari.align.preference import prompt_segments
+from hibari.align.data import AlignDataError, SegmentEncoder, Skipped, read_records
+from hibari.align.preference import preference_loader, prompt_segments
 from hibari.align.rewards import get_reward, score_responses
 from hibari.align.templates import END, TemplateError, get_template
 from hibari.model import ModelConfig, hidden, param_axes, unembed
-from hibari.model.decode import sample_tokens
+from hibari.model.decode import left_pad, sample_tokens
 from hibari.model.logprobs import token_log_probs
 from hibari.train.loop import Task, TrainConfigError
 from hibari.train.sharding import batch_sharding, replicated, sharding_context
+from hibari.train.step import apply_gradients
 
 log = logging.getLogger(__name__)
 
@@ -97,29 +97,11 @@ def load_prompts(paths, encoder: SegmentEncoder, template, prompt_len: int,
 
 
 def prompt_rows(prompts: list[Prompt], width: int, pad_id: int) -> dict[str, np.ndarray]:
-    """tokens/segment_ids [n, width] left-padded (segment 0 = padding), index [n, 1]."""
-    n = len(prompts)
-    tokens = np.full((n, width), pad_id, np.int32)
-    segments = np.zeros((n, width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p.tokens):] = p.tokens
-        segments[i, width - len(p.tokens):] = 1
+    """tokens/segment_ids [n, width] left-padded (segment 0 = padding), index [n, 1]: the rows
+    `preference.preference_loader` batches (shuffled per epoch for train)."""
+    tokens, segments = left_pad([p.tokens for p in prompts], width, pad_id)
     return {"tokens": tokens, "segment_ids": segments,
-            "index": np.arange(n, dtype=np.int32)[:, None]}
-
-
-def prompt_loader(rows: dict[str, np.ndarray], *, batch_size: int, seed: int,
-                  split: str = "train") -> RowLoader:
-    """Host-local prompt batches, reshuffled per epoch from (seed, epoch) for train."""
-    n = len(rows["tokens"])
-
-    def make_rows(epoch: int) -> dict[str, np.ndarray]:
-        if split != "train":
-            return rows
-        perm = np.random.default_rng([seed, epoch, 7]).permutation(n)
-        return {k: v[perm] for k, v in rows.items()}
-
-    return RowLoader(make_rows, batch_size=batch_size, epochs=None if split == "train" else 1)
+            "index": np.arange(len(prompts), dtype=np.int32)[:, None]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +272,8 @@ def update(spec: Spec, optimizer, mesh, rules, state, ro):
     kl_coef = state.extra["kl_coef"]
     mask = ro["mask"].astype(jnp.float32)
     scores = shaped_scores(spec, ro["scores"], ro["ended"])
-    data = {k: ro[k] for k in ("tokens", "segment_ids", "response", "mask", "logp", "ref_logp")}
-    if spec.value:
-        data["values"] = ro["values"]
+    data = {k: ro[k] for k in ("tokens", "segment_ids", "response", "mask", "logp")}
+    data.update({k: ro[k] for k in (("values",) if spec.value else ("ref_logp",))})
     derived = advantages(spec, ro, scores, kl_coef)
     data["advantages"] = derived["advantages"]
     if "returns" in derived:
@@ -311,13 +292,10 @@ def update(spec: Spec, optimizer, mesh, rules, state, ro):
         mb = {k: jax.lax.with_sharding_constraint(
             v[idx], batch_sharding(mesh, rules, v.ndim)) for k, v in data.items()}
         (loss, stats), grads = grad_fn(params, mb)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state, grad_norm, finite = apply_gradients(optimizer, params, opt_state,
+                                                               loss, grads)
         stats = dict(stats, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
-        return (keep(new_params, params), keep(new_opt, opt_state)), stats
+        return (params, opt_state), stats
 
     (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), order)
     metrics = {k: v.mean() for k, v in stats.items() if k != "finite"}
@@ -390,6 +368,7 @@ class Runner:
                  train_prompts: list[Prompt], eval_prompts: list[Prompt]):
         self.config, self.workdir, self.spec, self.encoder = config, Path(workdir), spec, encoder
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.eval_rows = prompt_rows(eval_prompts, spec.prompt_len, spec.pad_id)
         self.reward_name = config.reward.name
         self.reward_args = dict(config.reward.args or {})
         if self.reward_name != MODEL_REWARD:
@@ -475,9 +454,8 @@ class Runner:
             return {}
         from hibari.train.sharding import global_batch
         spec = self.spec._replace(group_size=1)
-        rows = prompt_rows(self.eval_prompts, spec.prompt_len, spec.pad_id)
-        loader = prompt_loader(rows, batch_size=self.config.data.batch_size //
-                               jax.process_count(), seed=self.config.seed, split="eval")
+        loader = preference_loader(self.eval_rows, batch_size=self.config.data.batch_size //
+                                   jax.process_count(), seed=self.config.seed, split="eval")
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(self.config.seed), 4))
         records = []
         for local in loader:
@@ -643,8 +621,8 @@ def rl_task(config: ml_collections.ConfigDict, workdir: str | Path, algorithm: s
     def make_loader(split):
         if split != "train":  # no held-out loss; on_eval scores held-out prompts instead
             return None
-        return prompt_loader(train_rows, batch_size=config.data.batch_size //
-                             jax.process_count(), seed=config.seed)
+        return preference_loader(train_rows, batch_size=config.data.batch_size //
+                                 jax.process_count(), seed=config.seed)
 
     return Task(base_params=params, param_axes=axes, frozen_params=frozen,
                 frozen_axes=frozen_axes, make_loader=make_loader, on_eval=runner.on_eval,

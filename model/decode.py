@@ -312,12 +312,19 @@ def _left_pad(cfg: ModelConfig, prompts, max_new_tokens: int, pad_id: int):
     if cfg.position == "learned" and int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
         raise UsageError(f"generate: prompt + max_new_tokens exceeds max_seq_len={cfg.max_seq_len}")
     width = _bucket(int(lengths.max()))  # bucketed prompt width limits recompilation
+    return (*left_pad(prompts, width, pad_id), lengths)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens[b, width], segment_ids[b, width]) of prompts right-aligned in `width` columns:
+    the batch layout `sample_tokens` takes (segment 1 on prompt tokens, 0 on the padding)."""
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, width - len(p):] = p
         segments[i, width - len(p):] = 1
-    return tokens, segments, lengths
+    return tokens, segments
 
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,

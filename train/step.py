@@ -92,6 +92,17 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict, rng, n: int, me
     return loss / total, aux, grads
 
 
+def apply_gradients(optimizer: optax.GradientTransformation, params, opt_state, loss, grads):
+    """One optimizer update -> (params, opt_state, grad_norm, finite); when the loss or the
+    gradient norm is not finite the update is not applied (params and opt_state unchanged)."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, finite
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, mesh, rules, state_shardings: TrainState,
                     grad_accum: int = 1, donate: bool = True):
@@ -107,14 +118,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                                                                         frozen=state.frozen)
             loss, aux, grads = accumulate_gradients(fn, state.params, batch, step_rng,
                                                     grad_accum, mesh, rules)
-            grad_norm = optax.global_norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            new_state = state.replace(
-                step=state.step + 1, params=keep(params, state.params),
-                opt_state=keep(opt_state, state.opt_state), rng=jax.random.key_data(rng))
+            params, opt_state, grad_norm, finite = apply_gradients(
+                optimizer, state.params, state.opt_state, loss, grads)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                      rng=jax.random.key_data(rng))
             metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                        "finite": finite.astype(jnp.int32), **aux}
         return new_state, metrics
