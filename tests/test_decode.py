@@ -11,6 +11,7 @@ from hibari.model.decode import (
     generate,
     generate_host,
     init_cache,
+    left_pad,
     sample,
     sample_tokens,
     start_decode,
@@ -122,15 +123,6 @@ EOS = tuple(range(0, TINY.vocab_size, 8))  # 13 ids: some rows end early, some d
 @pytest.fixture(scope="module")
 def tiny_params():
     return init(TINY, jax.random.key(7))
-
-
-def left_pad(prompts, width, pad_id=0):
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    segments = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        segments[i, width - len(p):] = 1
-    return tokens, segments
 
 
 @jax.jit
