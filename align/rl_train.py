@@ -48,6 +48,7 @@ from hibari.align.data import AlignDataError, SegmentEncoder, Skipped, read_reco
 from hibari.align.preference import preference_loader, prompt_segments
 from hibari.align.rewards import get_reward, score_responses
 from hibari.align.templates import END, TemplateError, get_template
+from hibari.base.stats import mean_stderr
 from hibari.model import ModelConfig, hidden, param_axes, unembed
 from hibari.model.decode import left_pad, sample_tokens
 from hibari.model.logprobs import token_log_probs
@@ -478,7 +479,7 @@ class Runner:
         scores = np.array([r["score"] for r in records])
         n = len(scores)
         return {"eval_reward": float(scores.mean()),
-                "eval_reward_stderr": float(scores.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+                "eval_reward_stderr": mean_stderr(scores),
                 "eval_kl": float(np.mean([r["kl"] for r in records])), "eval_prompts": n}
 
 

@@ -2,7 +2,7 @@
 
     hibari eval --checkpoint runs/small --tasks mmlu_sample commonsense_qa_sample --fewshot 5 \\
         --out eval_out/ [--templates all] [--calibrate] [--permute-choices] [--limit 20]
-    hibari eval --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --tasks my_task.yaml
+    hibari eval --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --tasks my_task.yaml [--prefix auto]
     echo "The capital of France is" | hibari generate --checkpoint DIR --max-new-tokens 16
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from hibari.base.errors import InputNotFound, UsageError
+from hibari.evaluation.tokenizer import PREFIX_MODES
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -23,6 +24,9 @@ def _model_args(p: argparse.ArgumentParser):
                    "*.gguf (default: found beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, help="context limit (default: model max_seq_len)")
+    p.add_argument("--prefix", choices=PREFIX_MODES, default="auto",
+                   help="what goes before each context: auto (BOS only if the tokenizer adds "
+                   "it, as lm-evaluation-harness does), bos, eos or none (default: auto)")
 
 
 def _split(names):
@@ -43,6 +47,9 @@ def eval_main(argv=None) -> int:
                    help="choice tasks: contextual and batch calibration (acc_cc, acc_bc)")
     p.add_argument("--permute-choices", action="store_true",
                    help="choice tasks: accuracy with the gold answer at each position")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first malformed data row (default: skip it, count it in "
+                   "results.json and name its file:line)")
     args = p.parse_args(argv)
     if not args.tasks:
         p.error("--tasks is required")
@@ -53,23 +60,26 @@ def eval_main(argv=None) -> int:
     from hibari.evaluation.runner import evaluate_task
     from hibari.evaluation.tasks import load_task
     tasks = [load_task(n) for n in _split(args.tasks)]
-    for t in tasks:
-        t.examples()  # validate every file before loading the model
+    for t in tasks:  # validate every file before loading the model
+        skipped = t.examples(args.strict).skipped
+        if skipped:
+            print(f"{t.name}: skipping {len(skipped)} malformed row(s), e.g. {skipped[0]} "
+                  "(all listed in results.json; --strict to fail instead)", file=sys.stderr)
     t0 = time.perf_counter()
     lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
-                 max_len=args.max_len)
+                 max_len=args.max_len, prefix=args.prefix)
     load_s = time.perf_counter() - t0
     results = []
     for t in tasks:
         r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
                           limit=args.limit, calibrate=args.calibrate,
-                          permute=args.permute_choices)
+                          permute=args.permute_choices, strict=args.strict)
         print(f"{t.name}: {json.dumps(r['metrics'])} ({r['seconds']} s)", file=sys.stderr)
         results.append(r)
     meta = {"checkpoint": str(args.checkpoint), "tokenizer": lm.tokenizer.name,
-            "batch_size": args.batch_size, "fewshot": args.fewshot,
-            "templates": args.templates, "load_seconds": round(load_s, 2),
-            "model": lm.cfg.to_dict()}
+            "prefix": lm.tokenizer.prefix_info(), "batch_size": args.batch_size,
+            "fewshot": args.fewshot, "templates": args.templates, "strict": args.strict,
+            "load_seconds": round(load_s, 2), "model": lm.cfg.to_dict()}
     json_path, md_path = write_results(args.out, results, meta)
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
@@ -115,7 +125,7 @@ def generate_main(argv=None) -> int:
         raise UsageError("no prompts given (use --prompts FILE or pipe them on stdin)")
     from hibari.evaluation.lm import load_lm
     lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
-                 max_len=args.max_len)
+                 max_len=args.max_len, prefix=args.prefix)
     t0 = time.perf_counter()
     outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

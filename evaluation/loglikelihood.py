@@ -50,8 +50,8 @@ def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_si
     rows = []
     for i, (context, continuation) in enumerate(requests):
         if not context:
-            raise ValueError(f"request {i}: empty context; start it with the BOS token "
-                             "(EvalTokenizer.encode adds it)")
+            raise ValueError(f"request {i}: empty context; start it with the tokenizer's "
+                             "start token (EvalTokenizer.encode gives [start_id] for '')")
         if not continuation:
             raise ValueError(f"request {i}: empty continuation; nothing to score")
         if len(continuation) > max_len:

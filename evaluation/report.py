@@ -1,4 +1,12 @@
-"""Results: results.json (metrics + per-example records) and a markdown table."""
+"""Results: results.json (metrics), samples/<task>.jsonl (every scored example) and a markdown
+table.
+
+results.json holds, per task, the metrics of the first template with their standard errors,
+every template's metrics, their spread and the skipped rows; the per-example records go to
+`samples/<task>.jsonl` beside it, one JSON line per (template, variant, example) with at least
+`id`, `pred`/`prediction`, `gold`/`answers` and, for log-likelihood tasks, `loglikelihoods` (one
+per choice): every number in results.json can be recomputed from them.
+"""
 from __future__ import annotations
 
 import json
@@ -14,28 +22,54 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _with_stderr(value, stderr) -> str:
+    if isinstance(value, float) and isinstance(stderr, float):
+        return f"{value:.4f} ± {stderr:.4f}"
+    return _fmt(value)
+
+
 def markdown_table(results: Sequence[dict]) -> str:
-    """One row per (task, metric): value of the first template, and mean ± std over templates."""
-    lines = ["| task | kind | shots | n | metric | value | templates: mean ± std (n) |",
+    """One row per (task, metric): value ± standard error of the first template, and mean ± std
+    over templates."""
+    lines = ["| task | kind | shots | n | metric | value ± s.e. | templates: mean ± std (n) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         for name, value in r["metrics"].items():
             s = r["template_spread"].get(name)
             spread = (f"{s['mean']:.4f} ± {s['std']:.4f} ({len(r['templates'])})"
                       if s and len(r["templates"]) > 1 else "")
+            shown = _with_stderr(value, r.get("stderr", {}).get(name))
             lines.append(f"| {r['task']} | {r['kind']} | {r['fewshot']} | {r['n']} | {name} | "
-                         f"{_fmt(value)} | {spread} |")
+                         f"{shown} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
 def write_results(out: str | Path, results: Sequence[dict], meta: dict) -> tuple[Path, Path]:
-    """`out` is a directory (results.json + results.md inside) or a *.json file path (the
-    table goes beside it as *.md)."""
+    """`out` is a directory (results.json + results.md + samples/ inside) or a *.json file path
+    (the table and samples/ go beside it)."""
     out = Path(out)
     json_path = out if out.suffix == ".json" else out / "results.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    samples_dir = json_path.parent / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
     md_path = json_path.with_suffix(".md")
-    json_path.write_text(json.dumps({"meta": meta, "results": list(results)}, indent=1,
+    summary = []
+    for r in results:
+        path = samples_dir / f"{r['task']}.jsonl"
+        path.write_text("".join(json.dumps(rec, ensure_ascii=False, default=str) + "\n"
+                                for rec in r.get("records", [])), encoding="utf-8")
+        summary.append({**{k: v for k, v in r.items() if k != "records"},
+                        "samples": str(path.relative_to(json_path.parent))})
+    json_path.write_text(json.dumps({"meta": meta, "results": summary}, indent=1,
                                     ensure_ascii=False, default=str), encoding="utf-8")
     md_path.write_text(markdown_table(results), encoding="utf-8")
     return json_path, md_path
+
+
+def read_samples(results_json: str | Path) -> dict[str, list[dict]]:
+    """{task: its sample records} of a results.json written by `write_results`."""
+    results_json = Path(results_json)
+    data = json.loads(results_json.read_text(encoding="utf-8"))
+    return {r["task"]: [json.loads(line) for line in
+                        (results_json.parent / r["samples"]).read_text(encoding="utf-8")
+                        .splitlines() if line.strip()]
+            for r in data["results"]}

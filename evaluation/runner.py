@@ -8,6 +8,12 @@ Choice tasks score every choice as a continuation of the prompt: acc (sum log p)
 contextual (acc_cc) and batch (acc_bc) calibration; `permute` rotates each example's choices so
 the gold answer sits at every position in turn -> accuracy per gold position. With several
 templates, each is run and the mean and standard deviation (ddof=1) of every metric reported.
+Accuracies (and generation / pass@k scores) come with the standard error of their mean.
+
+`records` hold one sample per (template, variant, example): the prompt, each choice's target,
+log-likelihood, token and byte count, the predictions and the gold answer ("variant" is
+"original" or "gold_at_<position>" for the permutations); `report.write_results` writes them to
+samples/<task>.jsonl.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hibari.base.stats import mean_stderr
 from hibari.evaluation import calibration
 from hibari.evaluation import metrics as text_metrics
 from hibari.evaluation.lm import LanguageModel
@@ -35,6 +42,7 @@ from hibari.evaluation.tasks import (
 from hibari.evaluation.tokenizer import utf8_len
 
 CONTENT_FIELDS = ("question", "passage", "context", "sentence1", "sentence2", "document")
+MAX_SKIPPED_LISTED = 100  # results.json lists this many skipped rows (and counts them all)
 
 
 def _contexts(task: TaskSpec, template: Template, examples, pool, k):
@@ -43,57 +51,67 @@ def _contexts(task: TaskSpec, template: Template, examples, pool, k):
 
 
 def _score_choices(lm: LanguageModel, task, template, examples, contexts):
-    """Per example: (logp[c], tokens[c], bytes[c]) of each choice's continuation."""
-    pairs, sizes = [], []
+    """Per example: (targets, logp[c], tokens[c], bytes[c]) of each choice's continuation."""
+    pairs, targets = [], []
     for e, ctx in zip(examples, contexts):
-        targets = [render_target(task, template, e, j) for j in range(len(e["choices"]))]
-        pairs += [(ctx, t) for t in targets]
-        sizes.append([utf8_len(t) for t in targets])
+        targets.append([render_target(task, template, e, j) for j in range(len(e["choices"]))])
+        pairs += [(ctx, t) for t in targets[-1]]
     scores = lm.loglikelihood(pairs)
     out, at = [], 0
-    for e, nbytes in zip(examples, sizes):
-        chunk = scores[at:at + len(nbytes)]
-        at += len(nbytes)
-        out.append((np.array([s[0] for s in chunk]), np.array([s[2] for s in chunk]),
-                    np.array(nbytes)))
+    for texts in targets:
+        chunk = scores[at:at + len(texts)]
+        at += len(texts)
+        out.append((texts, np.array([s[0] for s in chunk]), np.array([s[2] for s in chunk]),
+                    np.array([utf8_len(t) for t in texts])))
     return out
+
+
+def _choice_records(examples, contexts, scored, variant: str) -> list[dict]:
+    """One sample record per example: every number the choice metrics are computed from."""
+    records = []
+    for e, ctx, (texts, lp, ntok, nbytes) in zip(examples, contexts, scored):
+        preds = {"pred": int(np.argmax(lp)), "pred_norm": int(np.argmax(lp / ntok)),
+                 "pred_bytes": int(np.argmax(lp / nbytes))}
+        records.append({"id": e["id"], "variant": variant, "prompt": ctx, "targets": texts,
+                        "loglikelihoods": [float(x) for x in lp], "tokens": ntok.tolist(),
+                        "bytes": nbytes.tolist(), "gold": e["gold"], **preds,
+                        "correct": preds["pred"] == e["gold"]})
+    return records
+
+
+def _accuracy(records, pred_key: str) -> list[bool]:
+    return [r[pred_key] == r["gold"] for r in records]
 
 
 def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permute=False):
     contexts = _contexts(task, template, examples, pool, k)
     scored = _score_choices(lm, task, template, examples, contexts)
-    records, hits = [], {"acc": [], "acc_norm": [], "acc_bytes": []}
-    for e, (lp, ntok, nbytes) in zip(examples, scored):
-        preds = {"acc": int(np.argmax(lp)), "acc_norm": int(np.argmax(lp / ntok)),
-                 "acc_bytes": int(np.argmax(lp / nbytes))}
-        for m, p in preds.items():
-            hits[m].append(p == e["gold"])
-        records.append({"id": e["id"], "gold": e["gold"], "pred": preds["acc"],
-                        "pred_norm": preds["acc_norm"], "pred_bytes": preds["acc_bytes"],
-                        "logp": [round(float(x), 6) for x in lp], "tokens": ntok.tolist(),
-                        "correct": preds["acc"] == e["gold"]})
-    result = {m: float(np.mean(v)) for m, v in hits.items()}
+    records = _choice_records(examples, contexts, scored, "original")
+    hits = {m: _accuracy(records, key) for m, key in
+            (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_bytes"))}
     n_choices = {len(e["choices"]) for e in examples}
+    extra = []
     if calibrate:
-        probs = [calibration.choice_probs(lp) for lp, _, _ in scored]
-        cf_probs = []
+        probs = [calibration.choice_probs(lp) for _, lp, _, _ in scored]
+        cf_logp = []
         for cf in task.content_free:
             blank = [{**e, **{f: cf for f in CONTENT_FIELDS if f in e}} for e in examples]
             cf_scored = _score_choices(lm, task, template, blank,
                                        _contexts(task, template, blank, pool, k))
-            cf_probs.append([calibration.choice_probs(lp) for lp, _, _ in cf_scored])
-        cc_hits = []
-        for i, e in enumerate(examples):
-            p_cf = np.mean([cfp[i] for cfp in cf_probs], axis=0)
-            q = calibration.contextual_calibrate(probs[i], p_cf)
-            cc_hits.append(int(np.argmax(q)) == e["gold"])
-            records[i]["pred_cc"] = int(np.argmax(q))
-        result["acc_cc"] = float(np.mean(cc_hits))
+            cf_logp.append([lp for _, lp, _, _ in cf_scored])
+        for i, r in enumerate(records):
+            p_cf = np.mean([calibration.choice_probs(cfl[i]) for cfl in cf_logp], axis=0)
+            r["pred_cc"] = int(np.argmax(calibration.contextual_calibrate(probs[i], p_cf)))
+            r["content_free_loglikelihoods"] = {cf: [float(x) for x in cfl[i]]
+                                                for cf, cfl in zip(task.content_free, cf_logp)}
+        hits["acc_cc"] = _accuracy(records, "pred_cc")
         if len(n_choices) == 1:
             bc = calibration.batch_calibrate(np.stack(probs))
-            for i, e in enumerate(examples):
-                records[i]["pred_bc"] = int(np.argmax(bc[i]))
-            result["acc_bc"] = float(np.mean([r["pred_bc"] == r["gold"] for r in records]))
+            for i, r in enumerate(records):
+                r["pred_bc"] = int(np.argmax(bc[i]))
+            hits["acc_bc"] = _accuracy(records, "pred_bc")
+    result = {m: float(np.mean(v)) for m, v in hits.items()}
+    stderr = {m: mean_stderr(v) for m, v in hits.items()}
     if permute and len(n_choices) == 1:
         c = n_choices.pop()
         by_position = []
@@ -103,37 +121,41 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
                 shift = (e["gold"] - pos) % c
                 rotated.append({**e, "choices": e["choices"][shift:] + e["choices"][:shift],
                                 "gold": pos})
-            rs = _score_choices(lm, task, template, rotated,
-                                _contexts(task, template, rotated, pool, k))
-            by_position.append(float(np.mean([int(np.argmax(lp)) == pos for lp, _, _ in rs])))
-        result["acc_by_gold_position"] = by_position
-        result["position_bias_range"] = max(by_position) - min(by_position)
-    return result, records
+            ctx = _contexts(task, template, rotated, pool, k)
+            rs = _choice_records(rotated, ctx, _score_choices(lm, task, template, rotated, ctx),
+                                 f"gold_at_{pos}")
+            extra += rs
+            by_position.append(_accuracy(rs, "pred"))
+        result["acc_by_gold_position"] = [float(np.mean(v)) for v in by_position]
+        stderr["acc_by_gold_position"] = [mean_stderr(v) for v in by_position]
+        result["position_bias_range"] = (max(result["acc_by_gold_position"])
+                                         - min(result["acc_by_gold_position"]))
+    return result, stderr, records + extra
 
 
 def run_generate(lm, task, template, examples, pool, k):
     contexts = _contexts(task, template, examples, pool, k)
     outputs = lm.generate(contexts, max_new_tokens=task.max_new_tokens, stop=task.stop)
     names = [m for m in task.metrics if m in text_metrics.GENERATION_METRICS]
-    records, sums = [], {m: 0.0 for m in names}
-    for e, out in zip(examples, outputs):
+    records = []
+    for e, ctx, out in zip(examples, contexts, outputs):
         pred = out.strip()
         scores = {m: text_metrics.GENERATION_METRICS[m](pred, e["answers"]) for m in names}
-        for m in names:
-            sums[m] += scores[m]
-        records.append({"id": e["id"], "prediction": pred, "answers": e["answers"], **scores})
-    return {m: v / len(examples) for m, v in sums.items()}, records
+        records.append({"id": e["id"], "prompt": ctx, "output": out, "prediction": pred,
+                        "answers": e["answers"], **scores})
+    return ({m: float(np.mean([r[m] for r in records])) for m in names},
+            {m: mean_stderr(r[m] for r in records) for m in names}, records)
 
 
 def run_perplexity(lm, task, template, examples, window=None, stride=None):
     from hibari.evaluation.tasks import render_prompt
     texts = [render_prompt(task, template, e) for e in examples]
     scored = lm.rolling_loglikelihood(texts, window or task.window, stride or task.stride)
-    records = [{"id": e["id"], "logp": lp, "tokens": n, "bytes": utf8_len(t)}
-               for e, t, (lp, n) in zip(examples, texts, scored)]
-    stats = perplexity_stats(sum(r["logp"] for r in records), sum(r["tokens"] for r in records),
-                             sum(r["bytes"] for r in records), sum(len(t.split()) for t in texts))
-    return stats, records
+    records = [{"id": e["id"], "loglikelihood": lp, "tokens": n, "bytes": utf8_len(t),
+                "words": len(t.split())} for e, t, (lp, n) in zip(examples, texts, scored)]
+    stats = perplexity_stats(*(sum(r[f] for r in records)
+                               for f in ("loglikelihood", "tokens", "bytes", "words")))
+    return stats, {}, records
 
 
 def run_code(lm, task, template, examples, pool, k, *, seed=0):
@@ -146,21 +168,22 @@ def run_code(lm, task, template, examples, pool, k, *, seed=0):
                                    stop=task.stop, temperature=task.temperature,
                                    seed=seed + i, batch_size=task.samples)
                        for i, ctx in enumerate(contexts)]
-    records, outcomes = [], []
-    for e, comps in zip(examples, completions):
+    records = []
+    for e, ctx, comps in zip(examples, contexts, completions):
         results = [run_program(humaneval_program(e["prompt"], c, e["test"], e["entry_point"]),
                                timeout_s=task.timeout_s) for c in comps]
-        outcomes.append([r.passed for r in results])
-        records.append({"id": e["id"], "completions": comps,
+        records.append({"id": e["id"], "prompt": ctx, "completions": comps,
                         "statuses": [r.status for r in results],
                         "passed": sum(r.passed for r in results)})
     n = task.samples
-    metrics = {f"pass@{kk}": float(np.mean([pass_at_k(n, sum(o), kk) for o in outcomes]))
-               for kk in task.pass_k if kk <= n}
-    return metrics, records
+    per_problem = {f"pass@{kk}": [pass_at_k(n, r["passed"], kk) for r in records]
+                   for kk in task.pass_k if kk <= n}
+    return ({m: float(np.mean(v)) for m, v in per_problem.items()},
+            {m: mean_stderr(v) for m, v in per_problem.items()}, records)
 
 
 def _run_template(lm, task, template, examples, pool, k, calibrate, permute):
+    """(metrics, their standard errors, sample records) of one template."""
     if task.kind == "choice":
         return run_choice(lm, task, template, examples, pool, k, calibrate=calibrate,
                           permute=permute)
@@ -198,23 +221,28 @@ def spread(per_template: Sequence[dict]) -> dict:
 
 def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = None,
                   templates=None, limit: int | None = None, calibrate: bool = False,
-                  permute: bool = False) -> dict:
-    """Metrics of the first listed template, every template's metrics, their spread and the
-    per-example records of the first listed template."""
-    examples = task.examples()
+                  permute: bool = False, strict: bool = False) -> dict:
+    """Metrics (and standard errors) of the first listed template, every template's metrics,
+    their spread, the rows skipped as malformed (`strict`: raise instead) and `records`: one
+    sample record per (template, variant, example), from which every metric is recomputable."""
+    examples = task.examples(strict)
     validate_examples(task, examples)
     k = task.default_fewshot if fewshot is None else fewshot
-    pool = task.fewshot_pool() if k else []
+    pool = task.fewshot_pool(strict) if k else []
+    skipped = list(examples.skipped) + [s for s in getattr(pool, "skipped", [])
+                                        if s not in examples.skipped]
     if limit:
         examples = examples[:limit]
     t0 = time.perf_counter()
-    per_template, records = [], None
+    per_template, records = [], []
     for index in _template_indices(task, templates):
-        m, recs = _run_template(lm, task, task.templates[index], examples, pool, k,
-                                calibrate, permute)
-        per_template.append({"index": index, "metrics": m})
-        records = records if records is not None else recs
+        m, se, recs = _run_template(lm, task, task.templates[index], examples, pool, k,
+                                    calibrate, permute)
+        per_template.append({"index": index, "metrics": m, "stderr": se})
+        records += [{"template": index, **r} for r in recs]
     return {"task": task.name, "kind": task.kind, "fewshot": k, "n": len(examples),
-            "metrics": per_template[0]["metrics"], "templates": per_template,
+            "metrics": per_template[0]["metrics"], "stderr": per_template[0]["stderr"],
+            "templates": per_template,
             "template_spread": spread([t["metrics"] for t in per_template]),
+            "skipped": {"count": len(skipped), "rows": skipped[:MAX_SKIPPED_LISTED]},
             "seconds": round(time.perf_counter() - t0, 3), "records": records}

@@ -26,7 +26,7 @@ import yaml
 
 from hibari.base.errors import UserError
 from hibari.base.resources import resource_path
-from hibari.evaluation.formats import LETTERS, READERS, FormatError, read_examples
+from hibari.evaluation.formats import LETTERS, READERS, Examples, FormatError, read_examples
 
 TASK_DIR = resource_path("hibari.evaluation", "tasks")  # the vendored task files
 KINDS = {"choice": "choice", "generate": "qa", "perplexity": "text", "code": "code"}
@@ -67,13 +67,14 @@ class TaskSpec:
     pass_k: tuple[int, ...] = (1,)
     timeout_s: float = 5.0
 
-    def examples(self) -> list[dict]:
-        return read_examples(self.data_format, self.data_path)
+    def examples(self, strict: bool = False) -> Examples:
+        """The task's examples; malformed rows skipped and listed in `.skipped` unless strict."""
+        return read_examples(self.data_format, self.data_path, strict)
 
-    def fewshot_pool(self) -> list[dict]:
+    def fewshot_pool(self, strict: bool = False) -> Examples:
         if self.fewshot_path is None:
-            return self.examples()
-        return read_examples(self.fewshot_format, self.fewshot_path)
+            return self.examples(strict)
+        return read_examples(self.fewshot_format, self.fewshot_path, strict)
 
 
 DEFAULT_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes"), "generate": ("exact_match", "char_f1"),

@@ -3,11 +3,22 @@
     tok = load_tokenizer("runs/x/tok.model")          # or ".../tokenizer.json", "model.gguf"
     ctx, cont = tok.encode_pair("Question: ...\nAnswer:", " Paris")
 
-Every tokenizer offers `encode(text, bos=True)` (a whole prompt: BOS + text, SentencePiece's
-dummy-prefix space as the model was trained), `encode_fragment(text)` (a piece of text that
-continues a prompt: no BOS, no dummy prefix, so `decode(encode(a) + encode_fragment(b)) == a + b`)
-and `decode(ids)`. Bits per byte count UTF-8 bytes of the text, never tokens, so they compare
-across tokenizers.
+Every tokenizer offers `encode(text, bos=True)` (a whole prompt: its prefix + text,
+SentencePiece's dummy-prefix space as the model was trained), `encode_fragment(text)` (a piece of
+text that continues a prompt: no prefix, no dummy prefix, so
+`decode(encode(a) + encode_fragment(b)) == a + b`) and `decode(ids)`. Bits per byte count UTF-8
+bytes of the text, never tokens, so they compare across tokenizers.
+
+Prefix rules (`prefix`, default "auto"; lm-evaluation-harness's convention):
+  auto   BOS before a non-empty context only if the tokenizer adds BOS itself (HF
+         `add_bos_token` or its post-processor, GGUF `tokenizer.ggml.add_bos_token`,
+         SentencePiece models with a BOS id, as hibari trains them); otherwise nothing.
+  bos    BOS before every context (the tokenizer must define one).
+  eos    EOS before every context (the old GPT-2 style).
+  none   nothing before a non-empty context.
+An empty context (a continuation scored from nothing, the first window of a rolling
+log-likelihood) is conditioned on `start_id`: the forced token in bos/eos mode, else the BOS id
+if the tokenizer defines one, else EOS (lm-eval's `prefix_token_id`).
 """
 from __future__ import annotations
 
@@ -17,6 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from hibari.base.errors import UserError
+
+PREFIX_MODES = ("auto", "bos", "eos", "none")
 
 
 class TokenizerError(UserError, ValueError):
@@ -34,6 +47,8 @@ class EvalTokenizer(abc.ABC):
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int = 0
+    add_bos: bool = False  # the tokenizer's own rule: BOS before every text it encodes
+    prefix: str = "auto"  # one of PREFIX_MODES
 
     @abc.abstractmethod
     def _encode(self, text: str) -> list[int]:
@@ -47,28 +62,60 @@ class EvalTokenizer(abc.ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids."""
 
+    @abc.abstractmethod
+    def piece(self, i: int) -> str:
+        """The vocabulary entry of one id ("<s>", "▁the", ...)."""
+
     @property
     @abc.abstractmethod
     def vocab_size(self) -> int:
         """Number of ids."""
 
+    def set_prefix(self, mode: str) -> None:
+        if mode not in PREFIX_MODES:
+            raise TokenizerError(f"prefix={mode!r}; choose one of {PREFIX_MODES}")
+        needed = {"bos": self.bos_id, "eos": self.eos_id}.get(mode, 0)
+        if needed is None:
+            raise TokenizerError(f"prefix={mode!r} but tokenizer {self.name} defines no "
+                                 f"{mode.upper()} token; use --prefix auto or none")
+        self.prefix = mode
+
+    def context_prefix(self) -> list[int]:
+        """The ids put before every non-empty context (see the prefix rules above)."""
+        if self.prefix == "bos" or (self.prefix == "auto" and self.add_bos
+                                    and self.bos_id is not None):
+            return [self.bos_id]
+        if self.prefix == "eos":
+            return [self.eos_id]
+        return []
+
     @property
-    def prefix_id(self) -> int:
-        """The token that starts every scored sequence (BOS, else EOS as in GPT-2 style models)."""
-        if self.bos_id is not None:
-            return self.bos_id
-        if self.eos_id is not None:
-            return self.eos_id
+    def start_id(self) -> int:
+        """The token that conditions the first token of a text with an empty context."""
+        forced = {"bos": self.bos_id, "eos": self.eos_id}.get(self.prefix)
+        for candidate in (forced, self.bos_id, self.eos_id):
+            if candidate is not None:
+                return candidate
         raise TokenizerError(f"{self.name}: has neither BOS nor EOS; cannot start a sequence")
 
+    def prefix_info(self) -> dict:
+        """What results.json records about the prefix."""
+        return {"mode": self.prefix, "tokenizer_adds_bos": self.add_bos,
+                "context_prefix": [self.piece(i) for i in self.context_prefix()],
+                "empty_context": self.piece(self.start_id)}
+
     def encode(self, text: str, bos: bool = True) -> list[int]:
+        """`bos=True`: a whole context, with its prefix (an empty one gives [start_id])."""
         ids = self._encode(text) if text else []
-        return [self.prefix_id] + ids if bos else ids
+        if not bos:
+            return ids
+        return (self.context_prefix() + ids) if ids else [self.start_id]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids with BOS, continuation ids). Trailing spaces of the context move to the
-        continuation, so " Paris" is scored the same whether the template ends in a space."""
-        stripped = context.rstrip(" ")
+        """(context ids with their prefix, continuation ids). Trailing whitespace of the context
+        moves to the continuation (as lm-eval does), so " Paris" is scored the same whether the
+        template ends in a space. An empty context becomes [start_id]."""
+        stripped = context.rstrip()
         continuation = context[len(stripped):] + continuation
         return self.encode(stripped), self.encode_fragment(continuation)
 
@@ -95,6 +142,7 @@ class SentencePieceTokenizer(EvalTokenizer):
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.pad_id = max(self.sp.pad_id(), 0)
+        self.add_bos = self.bos_id is not None  # documents are packed BOS + text (data/pack)
 
     def _encode(self, text):
         return list(self.sp.encode(text))
@@ -104,6 +152,9 @@ class SentencePieceTokenizer(EvalTokenizer):
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
+
+    def piece(self, i):
+        return self.sp.id_to_piece(int(i))
 
     @property
     def vocab_size(self):
@@ -117,7 +168,8 @@ class HFTokenizer(EvalTokenizer):
                  pad_id: int | None = None, add_bos: bool = True):
         self.tok = tokenizer
         self.name = name
-        self.bos_id, self.eos_id = (bos_id if add_bos else None), eos_id
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos = add_bos and bos_id is not None
         self.pad_id = pad_id if pad_id is not None else (eos_id or 0)
 
     def _encode(self, text):
@@ -128,6 +180,9 @@ class HFTokenizer(EvalTokenizer):
 
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def piece(self, i):
+        return self.tok.id_to_token(int(i))
 
     @property
     def vocab_size(self):
@@ -154,13 +209,18 @@ def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
     config_file = file.parent / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     bos, eos = _special_id(tok, config, "bos_token"), _special_id(tok, config, "eos_token")
+    if "add_bos_token" in config:
+        add_bos = bool(config["add_bos_token"])
+    else:  # what transformers does by default: the tokenizer.json post-processor's rule
+        add_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
     return HFTokenizer(tok, str(file), bos, eos, _special_id(tok, config, "pad_token"),
-                       add_bos=bool(config.get("add_bos_token", bos is not None)))
+                       add_bos=add_bos)
 
 
 def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
     """The byte-level BPE tokenizer inside a GGUF file (converted by transformers' GGUF
-    support; needs `gguf` and `transformers`). BOS follows tokenizer.ggml.add_bos_token."""
+    support; needs `gguf` and `transformers`). BOS follows tokenizer.ggml.add_bos_token; without
+    that key, llama.cpp's default: yes for SentencePiece vocabularies ("llama"), no for BPE."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -168,7 +228,9 @@ def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
     import gguf
     reader = gguf.GGUFReader(str(path))
     field = reader.fields.get("tokenizer.ggml.add_bos_token")
-    add_bos = bool(field.contents()) if field is not None else False
+    kind = reader.fields.get("tokenizer.ggml.model")
+    add_bos = (bool(field.contents()) if field is not None
+               else kind is not None and kind.contents() == "llama")
     return HFTokenizer(hf.backend_tokenizer, str(path), hf.bos_token_id, hf.eos_token_id,
                        hf.pad_token_id, add_bos=add_bos)
 

@@ -320,6 +320,7 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str)
     steps.update(1)
     steps.close()
     summary = {"metrics": {r["task"]: r["metrics"] for r in results},
+               "stderr": {r["task"]: r["stderr"] for r in results},
                "n": {r["task"]: r["n"] for r in results},
                "pairs": {"ids": ids, "logps": logps.tolist()},
                "generations": generations, "command": plan.eval_command(model)}

@@ -186,6 +186,7 @@ def eval_rows(result: dict, tasks: list[str]) -> list[dict]:
         logps = np.asarray(s["pairs"]["logps"])
         row = {"name": MODEL_TITLES[model], "bpb": bpb,
                "acc": {t: s["metrics"][t].get("acc") for t in tasks if t in s["metrics"]},
+               "acc_se": {t: s.get("stderr", {}).get(t, {}).get("acc") for t in tasks},
                "pair_acc": float(np.mean(logps[:, 0] > logps[:, 1])), "reward_acc": None}
         if model == "dpo" and reference is not None:
             margin = (logps[:, 0] - reference[:, 0]) - (logps[:, 1] - reference[:, 1])
@@ -210,7 +211,9 @@ def eval_section(plan, record) -> list[Block]:
     rows = []
     for row in table:
         rows.append([row["name"]] + [_f(row["bpb"].get(lang)) for lang in langs] +
-                    [_f(row["acc"].get(t)) for t in tasks] +
+                    [_f(row["acc"].get(t)) + (f" ± {_f(row['acc_se'][t])}"
+                                              if row.get("acc_se", {}).get(t) else "")
+                     for t in tasks] +
                     [_f(row["pair_acc"]), _f(row["reward_acc"])])
     blocks.append(("table", ["model"] + header, rows))
     first = next(iter(result["models"].values()), None)
@@ -219,7 +222,8 @@ def eval_section(plan, record) -> list[Block]:
         blocks.append(("p", "Bits per byte: every token of the held-out documents (never "
                             "trained on) predicted once, nats / (ln 2 × UTF-8 bytes); the unigram "
                             "row is the add-one unigram model of the training rows. Multiple "
-                            "choice: `acc` (sum of log p per choice), zero-shot, examples per task: "
+                            "choice: `acc` (sum of log p per choice) ± its standard error, "
+                            "zero-shot, examples per task: "
                             + ", ".join(f"{t} {n[t]}" for t in tasks if t in n) +
                             f". Pairs: the {len(first['pairs']['ids'])} held-out preference pairs "
                             "of the DPO stage; the implicit reward accuracy compares DPO with its "

@@ -15,6 +15,7 @@ from hibari.data import CORPUS_DIR
 from hibari.data.tokenizer import train_tokenizer
 from hibari.evaluation.cli import eval_main, generate_main
 from hibari.evaluation.hooks import make_eval_hook
+from hibari.evaluation.report import read_samples
 from hibari.model import ModelConfig, init
 from hibari.train.checkpoint import save_params
 
@@ -55,13 +56,21 @@ def test_eval_cli_writes_json_with_records_and_a_markdown_table(checkpoint, tmp_
     assert len(csqa["templates"]) == 3 and set(csqa["template_spread"]["acc"]) >= {"mean", "std"}
     assert {"acc", "acc_norm", "acc_bytes", "acc_cc", "acc_bc"} <= set(csqa["metrics"])
     assert len(csqa["metrics"]["acc_by_gold_position"]) == 5
-    assert len(csqa["records"]) == 3 and len(csqa["records"][0]["logp"]) == 5
+    samples = read_samples(out / "results.json")
+    # every template and every rotation of the choices has its per-question records
+    variants = {(r["template"], r["variant"]) for r in samples["commonsense_qa_sample"]}
+    assert variants == {(t, v) for t in range(3)
+                        for v in ["original"] + [f"gold_at_{p}" for p in range(5)]}
+    assert all(len(r["loglikelihoods"]) == 5 for r in samples["commonsense_qa_sample"])
+    assert "records" not in csqa and csqa["samples"] == "samples/commonsense_qa_sample.jsonl"
     ppl = by_task["botchan_perplexity"]["metrics"]
     assert 0 < ppl["bits_per_byte"] < 20 and ppl["token_perplexity"] > 1
-    code_records = by_task["humaneval_sample"]["records"]
+    code_records = samples["humaneval_sample"]
     assert all(s in ("passed", "failed", "timeout", "memory") for r in code_records
                for s in r["statuses"])
     assert (out / "results.md").read_text() == table
+    assert data["meta"]["prefix"] == {"mode": "auto", "tokenizer_adds_bos": True,
+                                      "context_prefix": ["<s>"], "empty_context": "<s>"}
 
 
 def test_eval_cli_reports_bad_task_without_traceback(checkpoint, capsys):

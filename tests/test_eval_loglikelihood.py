@@ -139,5 +139,5 @@ def test_task_predictions_identical_for_batch_sizes_1_3_8(tok, model):
     for bs in (3, 8):
         assert runs[bs]["metrics"] == runs[1]["metrics"]
         assert [r["pred"] for r in runs[bs]["records"]] == [r["pred"] for r in runs[1]["records"]]
-        np.testing.assert_allclose([r["logp"] for r in runs[bs]["records"]],
-                                   [r["logp"] for r in runs[1]["records"]], atol=1e-5)
+        np.testing.assert_allclose([r["loglikelihoods"] for r in runs[bs]["records"]],
+                                   [r["loglikelihoods"] for r in runs[1]["records"]], atol=1e-5)

