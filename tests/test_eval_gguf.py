@@ -18,6 +18,12 @@ def lm():
     return load_lm(GGUF, batch_size=8, max_len=1024)
 
 
+def test_prefix_follows_the_file_no_bos(lm):
+    """SmolLM2's GGUF says tokenizer.ggml.add_bos_token = false: contexts get no prefix."""
+    assert not lm.tokenizer.add_bos and lm.tokenizer.context_prefix() == []
+    assert lm.tokenizer.encode("Hi") == lm.tokenizer.encode("Hi", bos=False)
+
+
 def test_greedy_capital_of_france(lm):
     out = lm.generate(["The capital of France is"], max_new_tokens=4)[0]
     assert out.startswith(" Paris"), out
