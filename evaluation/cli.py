@@ -61,10 +61,11 @@ def eval_main(argv=None) -> int:
     from hibari.evaluation.tasks import load_task
     tasks = [load_task(n) for n in _split(args.tasks)]
     for t in tasks:  # validate every file before loading the model
-        skipped = t.examples(args.strict).skipped
-        if skipped:
-            print(f"{t.name}: skipping {len(skipped)} malformed row(s), e.g. {skipped[0]} "
-                  "(all listed in results.json; --strict to fail instead)", file=sys.stderr)
+        stats = t.examples(args.strict).stats
+        if stats.bad:
+            print(f"{t.name}: skipping {stats.bad} malformed row(s), e.g. "
+                  f"{stats.bad_examples[0]} (counted in results.json; --strict to fail "
+                  "instead)", file=sys.stderr)
     t0 = time.perf_counter()
     lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
                  max_len=args.max_len, prefix=args.prefix)

@@ -6,9 +6,9 @@ Example kinds (keys every reader of that kind fills):
   code        id, prompt, test, entry_point                   (+ canonical_solution)
   text        id, text
 Every error names the file and line (or JSON path) and what is wrong. A malformed row (bad
-JSON on one line, a missing field, options that do not parse) is skipped and recorded in the
-result's `skipped` list ("file:line: why"), as the data pipeline does; `strict=True` raises on
-the first one instead. A file that cannot be read at all, or yields no example, is an error.
+JSON on one line, a missing field, options that do not parse) is skipped and counted in the
+result's `stats` (with the first few as "file:line: why"), as the data pipeline does;
+`strict=True` raises on the first one instead. A file that cannot be read at all, or yields no example, is an error.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from hibari.base.errors import UserError
+from hibari.data.sources import SourceStats
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -31,11 +32,17 @@ class FormatError(UserError, ValueError):
 
 
 class Examples(list):
-    """The examples read from one file, and the rows skipped as malformed ("file:line: why")."""
+    """The examples read from one file; `stats` counts the rows skipped as malformed and keeps
+    the first few as "file:line: why" (`hibari.data.sources.SourceStats`, as the data pipeline
+    counts bad records)."""
 
-    def __init__(self, items=(), skipped: list[str] | None = None):
+    def __init__(self, items=(), stats: SourceStats | None = None):
         super().__init__(items)
-        self.skipped = list(skipped or [])
+        self.stats = stats if stats is not None else SourceStats()
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.stats.bad_examples
 
 
 def _open_text(path: Path) -> str:
@@ -58,10 +65,11 @@ def _rows(items: Iterable[tuple[str, Any]], parse: Callable[[Any, str], dict | N
         except FormatError as e:
             if strict:
                 raise
-            out.skipped.append(str(e))
+            out.stats.reject(where, str(e).removeprefix(f"{where}: "), strict=False)
             continue
         if example is not None:
             out.append(example)
+    out.stats.docs = len(out)
     return out
 
 
@@ -335,7 +343,7 @@ def read_examples(fmt: str, path: str | Path, strict: bool = False) -> Examples:
         raise FormatError(f"{path}: no such data file (format {fmt!r})")
     examples = READERS[fmt][1](path, strict)
     if not examples:
-        why = (f"; all {len(examples.skipped)} rows malformed, e.g. {examples.skipped[0]}"
-               if examples.skipped else "")
+        why = (f"; all {examples.stats.bad} rows malformed, e.g. {examples.skipped[0]}"
+               if examples.stats.bad else "")
         raise FormatError(f"{path}: no examples found (format {fmt!r}){why}")
     return examples

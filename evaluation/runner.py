@@ -42,7 +42,6 @@ from hibari.evaluation.tasks import (
 from hibari.evaluation.tokenizer import utf8_len
 
 CONTENT_FIELDS = ("question", "passage", "context", "sentence1", "sentence2", "document")
-MAX_SKIPPED_LISTED = 100  # results.json lists this many skipped rows (and counts them all)
 
 
 def _contexts(task: TaskSpec, template: Template, examples, pool, k):
@@ -229,8 +228,7 @@ def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = No
     validate_examples(task, examples)
     k = task.default_fewshot if fewshot is None else fewshot
     pool = task.fewshot_pool(strict) if k else []
-    skipped = list(examples.skipped) + [s for s in getattr(pool, "skipped", [])
-                                        if s not in examples.skipped]
+    read = [examples.stats] + ([pool.stats] if k and task.fewshot_path is not None else [])
     if limit:
         examples = examples[:limit]
     t0 = time.perf_counter()
@@ -244,5 +242,6 @@ def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = No
             "metrics": per_template[0]["metrics"], "stderr": per_template[0]["stderr"],
             "templates": per_template,
             "template_spread": spread([t["metrics"] for t in per_template]),
-            "skipped": {"count": len(skipped), "rows": skipped[:MAX_SKIPPED_LISTED]},
+            "skipped": {"count": sum(s.bad for s in read),
+                        "rows": [row for s in read for row in s.bad_examples]},
             "seconds": round(time.perf_counter() - t0, 3), "records": records}
