@@ -100,9 +100,13 @@ class EvalTokenizer(abc.ABC):
 
     def prefix_info(self) -> dict:
         """What results.json records about the prefix."""
+        try:
+            empty = self.piece(self.start_id)
+        except TokenizerError:  # neither BOS nor EOS: only an empty context is impossible
+            empty = None
         return {"mode": self.prefix, "tokenizer_adds_bos": self.add_bos,
                 "context_prefix": [self.piece(i) for i in self.context_prefix()],
-                "empty_context": self.piece(self.start_id)}
+                "empty_context": empty}
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """`bos=True`: a whole context, with its prefix (an empty one gives [start_id])."""
