@@ -47,6 +47,9 @@ def eval_main(argv=None) -> int:
                    help="choice tasks: contextual and batch calibration (acc_cc, acc_bc)")
     p.add_argument("--permute-choices", action="store_true",
                    help="choice tasks: accuracy with the gold answer at each position")
+    p.add_argument("--partial-input", nargs="+", default=[], metavar="FIELD",
+                   help="choice tasks: also score with these example fields emptied (e.g. "
+                   "question passage), choices kept: partial_acc vs chance and majority")
     p.add_argument("--strict", action="store_true",
                    help="fail on the first malformed data row (default: skip it, count it in "
                    "results.json and name its file:line)")
@@ -57,11 +60,13 @@ def eval_main(argv=None) -> int:
         [int(i) for i in args.templates.split(",")]
     from hibari.evaluation.lm import load_lm
     from hibari.evaluation.report import markdown_table, write_results
-    from hibari.evaluation.runner import evaluate_task
+    from hibari.evaluation.runner import check_partial_input, evaluate_task
     from hibari.evaluation.tasks import load_task
     tasks = [load_task(n) for n in _split(args.tasks)]
     for t in tasks:  # validate every file before loading the model
-        stats = t.examples(args.strict).stats
+        examples = t.examples(args.strict)
+        check_partial_input(t, examples, args.partial_input)
+        stats = examples.stats
         if stats.bad:
             print(f"{t.name}: skipping {stats.bad} malformed row(s), e.g. "
                   f"{stats.bad_examples[0]} (counted in results.json; --strict to fail "
@@ -74,12 +79,14 @@ def eval_main(argv=None) -> int:
     for t in tasks:
         r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
                           limit=args.limit, calibrate=args.calibrate,
-                          permute=args.permute_choices, strict=args.strict)
+                          permute=args.permute_choices, strict=args.strict,
+                          partial_input=args.partial_input)
         print(f"{t.name}: {json.dumps(r['metrics'])} ({r['seconds']} s)", file=sys.stderr)
         results.append(r)
     meta = {"checkpoint": str(args.checkpoint), "tokenizer": lm.tokenizer.name,
             "prefix": lm.tokenizer.prefix_info(), "batch_size": args.batch_size,
             "fewshot": args.fewshot, "templates": args.templates, "strict": args.strict,
+            "partial_input": args.partial_input,
             "load_seconds": round(load_s, 2), "model": lm.cfg.to_dict()}
     json_path, md_path = write_results(args.out, results, meta)
     print(markdown_table(results), end="")

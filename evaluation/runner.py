@@ -26,6 +26,7 @@ import numpy as np
 from hibari.base.stats import mean_stderr
 from hibari.evaluation import calibration
 from hibari.evaluation import metrics as text_metrics
+from hibari.evaluation.bias import bias_metrics
 from hibari.evaluation.lm import LanguageModel
 from hibari.evaluation.loglikelihood import perplexity_stats
 from hibari.evaluation.passk import pass_at_k
@@ -74,7 +75,8 @@ def _choice_records(examples, contexts, scored, variant: str) -> list[dict]:
         records.append({"id": e["id"], "variant": variant, "prompt": ctx, "targets": texts,
                         "loglikelihoods": [float(x) for x in lp], "tokens": ntok.tolist(),
                         "bytes": nbytes.tolist(), "gold": e["gold"], **preds,
-                        "correct": preds["pred"] == e["gold"]})
+                        "correct": preds["pred"] == e["gold"],
+                        **({"meta": e["meta"]} if "meta" in e else {})})
     return records
 
 
@@ -82,12 +84,28 @@ def _accuracy(records, pred_key: str) -> list[bool]:
     return [r[pred_key] == r["gold"] for r in records]
 
 
-def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permute=False):
+def _without(examples, fields) -> list[dict]:
+    return [{**e, **{f: "" for f in fields if f in e}} for e in examples]
+
+
+def baselines(examples) -> dict:
+    """chance: expected accuracy of a uniform guess; majority: of always answering the most
+    frequent gold label (the same choice texts in every example) or else gold position."""
+    chance = float(np.mean([1 / len(e["choices"]) for e in examples]))
+    same = len({tuple(e["choices"]) for e in examples}) == 1
+    golds = [e["choices"][e["gold"]] if same else e["gold"] for e in examples]
+    majority = max(golds.count(g) for g in set(golds)) / len(golds)
+    return {"chance": chance, "majority": majority}
+
+
+def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permute=False,
+               partial: Sequence[str] = ()):
     contexts = _contexts(task, template, examples, pool, k)
     scored = _score_choices(lm, task, template, examples, contexts)
     records = _choice_records(examples, contexts, scored, "original")
     hits = {m: _accuracy(records, key) for m, key in
-            (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_bytes"))}
+            (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_bytes"))
+            if m in task.metrics}  # a bias task whose gold is a convention lists none
     n_choices = {len(e["choices"]) for e in examples}
     extra = []
     if calibrate:
@@ -111,6 +129,19 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
             hits["acc_bc"] = _accuracy(records, "pred_bc")
     result = {m: float(np.mean(v)) for m, v in hits.items()}
     stderr = {m: mean_stderr(v) for m, v in hits.items()}
+    if task.bias:
+        m, se = bias_metrics(task.bias, records, task.bias_score)
+        result.update(m)
+        stderr.update(se)
+    if partial:  # the fields dropped from the example and its shots; choices kept
+        part = _without(examples, partial)
+        ctx = _contexts(task, template, part, _without(pool, partial), k)
+        rs = _choice_records(part, ctx, _score_choices(lm, task, template, part, ctx),
+                             "partial:" + "+".join(partial))
+        extra += rs
+        hit = _accuracy(rs, "pred")
+        result.update(partial_acc=float(np.mean(hit)), **baselines(examples))
+        stderr["partial_acc"] = mean_stderr(hit)
     if permute and len(n_choices) == 1:
         c = n_choices.pop()
         by_position = []
@@ -181,11 +212,11 @@ def run_code(lm, task, template, examples, pool, k, *, seed=0):
             {m: mean_stderr(v) for m, v in per_problem.items()}, records)
 
 
-def _run_template(lm, task, template, examples, pool, k, calibrate, permute):
+def _run_template(lm, task, template, examples, pool, k, calibrate, permute, partial):
     """(metrics, their standard errors, sample records) of one template."""
     if task.kind == "choice":
         return run_choice(lm, task, template, examples, pool, k, calibrate=calibrate,
-                          permute=permute)
+                          permute=permute, partial=partial)
     if task.kind == "generate":
         return run_generate(lm, task, template, examples, pool, k)
     if task.kind == "perplexity":
@@ -218,14 +249,32 @@ def spread(per_template: Sequence[dict]) -> dict:
     return out
 
 
+def check_partial_input(task: TaskSpec, examples, fields) -> None:
+    if not fields:
+        return
+    if task.kind != "choice":
+        raise TaskError(f"--partial-input needs a multiple-choice task; {task.name} is "
+                        f"{task.kind!r}")
+    known = sorted(set().union(*(e.keys() for e in examples)) - {"id", "gold", "choices",
+                                                                  "meta"})
+    bad = [f for f in fields if f not in known]
+    if bad:
+        raise TaskError(f"--partial-input {bad}: not a field of {task.name}'s examples; "
+                        f"choose from {known}")
+
+
 def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = None,
                   templates=None, limit: int | None = None, calibrate: bool = False,
-                  permute: bool = False, strict: bool = False) -> dict:
+                  permute: bool = False, strict: bool = False,
+                  partial_input: Sequence[str] = ()) -> dict:
     """Metrics (and standard errors) of the first listed template, every template's metrics,
     their spread, the rows skipped as malformed (`strict`: raise instead) and `records`: one
-    sample record per (template, variant, example), from which every metric is recomputable."""
+    sample record per (template, variant, example), from which every metric is recomputable.
+    `partial_input`: choice tasks are also scored with these fields emptied (the choices kept):
+    `partial_acc` against `chance` and `majority` (the hypothesis-only baseline generalised)."""
     examples = task.examples(strict)
     validate_examples(task, examples)
+    check_partial_input(task, examples, partial_input)
     k = task.default_fewshot if fewshot is None else fewshot
     pool = task.fewshot_pool(strict) if k else []
     read = [examples.stats] + ([pool.stats] if k and task.fewshot_path is not None else [])
@@ -235,7 +284,7 @@ def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = No
     per_template, records = [], []
     for index in _template_indices(task, templates):
         m, se, recs = _run_template(lm, task, task.templates[index], examples, pool, k,
-                                    calibrate, permute)
+                                    calibrate, permute, tuple(partial_input))
         per_template.append({"index": index, "metrics": m, "stderr": se})
         records += [{"template": index, **r} for r in recs]
     return {"task": task.name, "kind": task.kind, "fewshot": k, "n": len(examples),

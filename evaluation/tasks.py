@@ -66,6 +66,8 @@ class TaskSpec:
     temperature: float = 0.0
     pass_k: tuple[int, ...] = (1,)
     timeout_s: float = 5.0
+    bias: str | None = None  # choice tasks: a kind of evaluation.bias.METRICS
+    bias_score: str = "sum"  # how choices are compared for the bias metrics: sum | per_token
 
     def examples(self, strict: bool = False) -> Examples:
         """The task's examples; malformed rows skipped and listed in `.skipped` unless strict."""
@@ -81,7 +83,7 @@ DEFAULT_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes"), "generate": ("exa
                    "perplexity": ("bits_per_byte", "token_perplexity", "word_perplexity"),
                    "code": ("pass@1",)}
 _KNOWN_KEYS = {"name", "kind", "data", "fewshot", "templates", "description", "separator",
-               "metrics", "generation", "content_free", "perplexity", "code"}
+               "metrics", "generation", "content_free", "perplexity", "code", "bias"}
 
 
 def _fail(path, msg):
@@ -123,13 +125,22 @@ def task_from_dict(d: dict, path: Path) -> TaskSpec:
         fewshot_format=fewshot.get("format"),
         fewshot_path=base / fewshot["path"] if fewshot.get("path") else None,
         fewshot_seed=int(fewshot.get("seed", 1234)), default_fewshot=int(fewshot.get("k", 0)),
-        metrics=tuple(d.get("metrics") or DEFAULT_METRICS[kind]),
+        metrics=tuple(d["metrics"] if d.get("metrics") is not None else DEFAULT_METRICS[kind]),
         max_new_tokens=int(gen.get("max_new_tokens", 32)),
         stop=tuple(gen.get("stop", ["\n"])),
         content_free=tuple(d.get("content_free", ("N/A", "", "[MASK]"))),
         window=ppl.get("window"), stride=ppl.get("stride"),
         samples=int(code.get("samples", 1)), temperature=float(code.get("temperature", 0.0)),
         pass_k=tuple(code.get("k", [1])), timeout_s=float(code.get("timeout_s", 5.0)))
+    bias = d.get("bias")
+    if bias is not None:
+        from hibari.evaluation.bias import BIAS_KINDS, SCORES
+        if kind != "choice" or not isinstance(bias, dict) or bias.get("kind") not in BIAS_KINDS:
+            _fail(path, f"bias={bias!r}: a choice task's bias needs {{kind: one of "
+                        f"{list(BIAS_KINDS)}, score: one of {list(SCORES)}}}")
+        if bias.get("score", "sum") not in SCORES:
+            _fail(path, f"bias.score={bias['score']!r}; choose one of {list(SCORES)}")
+        spec.bias, spec.bias_score = bias["kind"], bias.get("score", "sum")
     if spec.fewshot_path is not None and spec.fewshot_format not in READERS:
         _fail(path, f"fewshot.format={spec.fewshot_format!r}; choose one of {sorted(READERS)}")
     return spec

@@ -118,9 +118,12 @@ class EvalTokenizer(abc.ABC):
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids with their prefix, continuation ids). Trailing whitespace of the context
         moves to the continuation (as lm-eval does), so " Paris" is scored the same whether the
-        template ends in a space. An empty context becomes [start_id]."""
+        template ends in a space. With an empty context: ([start_id], the continuation encoded
+        as a whole text, with its dummy-prefix space where the tokenizer has one)."""
         stripped = context.rstrip()
         continuation = context[len(stripped):] + continuation
+        if not stripped:  # a text scored on its own: tokenized as a whole text (lm-eval too)
+            return [self.start_id], self.encode(continuation, bos=False)
         return self.encode(stripped), self.encode_fragment(continuation)
 
 
