@@ -179,3 +179,59 @@ def test_eval_cli_skips_malformed_rows_and_strict_fails(checkpoint, tmp_path, ca
                             str(tmp_path / "mc.yaml"), "--strict"]) == 1
     err = capsys.readouterr().err
     assert "hibari eval: error:" in err and "mc.jsonl:2: options start with 'C. x'" in err
+
+
+def test_partial_input_reads_the_label_from_the_choices_alone(checkpoint, tmp_path):
+    """A task whose answer is readable from the choices (the gold is one short word, every
+    distractor a long phrase): with the question emptied it still scores far above chance."""
+    root, _, _ = checkpoint
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        options = [f"the {w} of the long and winding road near the river bank"
+                   for w in ("end", "start", "middle")]
+        gold = int(rng.integers(0, 4))
+        options.insert(gold, "yes")
+        rows.append({"question": f"Question number {i} about something?",
+                     "options": "\n".join(f"{'ABCD'[j]}. {o}" for j, o in enumerate(options)),
+                     "answer": f"{'ABCD'[gold]}. yes"})
+    (tmp_path / "art.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "art.yaml").write_text(
+        "kind: choice\ndata: {format: langtest_choice, path: art.jsonl}\n"
+        "templates: [{prompt: 'Question: {question}\\nAnswer:', target: ' {choice}'}]\n")
+    out = tmp_path / "out"
+    assert eval_main(["--checkpoint", str(root / "export"), "--tasks", str(tmp_path / "art.yaml"),
+                      "--partial-input", "question", "--out", str(out)]) == 0
+    result, = json.loads((out / "results.json").read_text())["results"]
+    m = result["metrics"]
+    assert m["chance"] == 0.25 and m["majority"] < 0.5
+    assert m["partial_acc"] >= 0.9 and m["acc"] >= 0.9 and result["stderr"]["partial_acc"] < 0.1
+    partial = [r for r in read_samples(out / "results.json")["art"]
+               if r["variant"] == "partial:question"]
+    assert len(partial) == 16 and all("number" not in r["prompt"] for r in partial)
+    assert m["partial_acc"] == np.mean([r["pred"] == r["gold"] for r in partial])
+    assert hibari.cli.main(["eval", "--checkpoint", str(root / "export"), "--tasks",
+                            str(tmp_path / "art.yaml"), "--partial-input", "questoin"]) == 1
+
+
+def test_bias_tasks_recomputed_from_samples(checkpoint, tmp_path):
+    root, _, _ = checkpoint
+    out = tmp_path / "bias"
+    assert eval_main(["--checkpoint", str(root / "export"), "--tasks", "bbq_sample",
+                      "crows_pairs_sample", "stereoset_intersentence_sample", "winobias_sample",
+                      "--limit", "8", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    samples = read_samples(out / "results.json")
+    by_task = {r["task"]: r["metrics"] for r in data["results"]}
+    crows = samples["crows_pairs_sample"]
+    assert "acc" not in by_task["crows_pairs_sample"]  # choice 0 is no "right answer"
+    assert by_task["crows_pairs_sample"]["stereotype_rate"] == \
+        np.mean([r["loglikelihoods"][0] > r["loglikelihoods"][1] for r in crows])
+    ambiguous = [r for r in samples["bbq_sample"] if r["meta"]["context"] == "ambiguous"]
+    assert by_task["bbq_sample"]["non_unknown_rate_ambiguous"] == \
+        np.mean([r["pred"] != r["meta"]["unknown"] for r in ambiguous])
+    per_token = [np.array(r["loglikelihoods"]) / r["tokens"]
+                 for r in samples["stereoset_intersentence_sample"]]
+    assert by_task["stereoset_intersentence_sample"]["ss"] == \
+        pytest.approx(100 * np.mean([s[0] > s[1] for s in per_token]))
+    assert 0 <= by_task["winobias_sample"]["pro_stereotype_rate"] <= 1
