@@ -6,6 +6,7 @@
     hibari reward --config configs/reward/pairs.py --workdir runs/rm --config.init_from=runs/sft
     hibari ppo --config configs/rl/ppo.py:tiny --workdir runs/ppo-tiny
     hibari grpo --config configs/rl/grpo.py:tiny --workdir runs/grpo-tiny
+    hibari classify --config configs/classify/shortcut.py:poe --workdir runs/classify-poe
 
 A rerun with the same command resumes from the workdir's latest checkpoint (the loader position
 included); DPO's precomputed reference cache is reused. Distributed flags as `hibari pretrain`.
@@ -45,6 +46,26 @@ def dpo_main(argv: list[str]) -> int:
 def reward_main(argv: list[str]) -> int:
     from hibari.align.tasks import reward_task
     return _run("reward", argv, "configs/reward/pairs.py", lambda config, _: reward_task(config))
+
+
+def classify_main(argv: list[str]) -> int:
+    """A k-class classifier (plain or debiasing loss); after training, the final model's
+    predictions/ and results.json go into the workdir."""
+    from hibari.align.classify import build_classify
+    finish = None
+
+    def make_task(config, workdir):
+        nonlocal finish
+        task, finish = build_classify(config, workdir)
+        return task
+
+    def after(config, workdir):
+        from hibari.align.classify import load_classifier
+        results = finish(load_classifier(workdir)[1])
+        shown = {k: v for k, v in results.items() if k.startswith(("accuracy", "bias_acc"))}
+        print(f"hibari classify: {shown}", file=sys.stderr)
+
+    return _run("classify", argv, "configs/classify/shortcut.py", make_task, after=after)
 
 
 def _rl(algorithm: str, argv: list[str]) -> int:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("hibari.align.cli:sft_main", "supervised fine-tuning, response-only loss (resumes from its workdir)"),
     "dpo": ("hibari.align.cli:dpo_main", "preference optimisation: DPO / IPO / hinge / KTO"),
     "reward": ("hibari.align.cli:reward_main", "train a reward model (scalar head, Bradley-Terry)"),
+    "classify": ("hibari.align.cli:classify_main", "train a classifier head: plain or debiasing losses (reweight, PoE, conf-reg)"),
     "ppo": ("hibari.align.cli:ppo_main", "RL with PPO against a reward model or a programmatic reward"),
     "grpo": ("hibari.align.cli:grpo_main", "RL with GRPO (group-normalised advantages, no critic)"),
 }
