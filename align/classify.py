@@ -267,11 +267,11 @@ def load_data(config: ml_collections.ConfigDict, encoder) -> ClassifyData:
     if plant.agree >= 0:
         markers = list(plant.markers)
         splits["train"], agrees["train"] = plant_markers(train, markers, plant.agree,
-                                                         plant.seed)
+                                                         plant.marker_seed)
         splits["test_id"], agrees["test_id"] = plant_markers(test, markers, plant.agree,
-                                                             plant.seed + 1)
+                                                             plant.marker_seed + 1)
         splits["test_anti"], agrees["test_anti"] = plant_markers(test, markers, 0.0,
-                                                                 plant.seed + 2)
+                                                                 plant.marker_seed + 2)
     rows = {s: encode_rows(x, encoder, d.seq_len) for s, x in splits.items()}
     bias = bias_probabilities(config, splits)
     return ClassifyData(splits=splits, rows=rows, agrees=agrees, bias=bias)
@@ -328,6 +328,7 @@ def build_classify(config: ml_collections.ConfigDict, workdir: str | Path | None
     k, batch = config.num_classes, config.data.batch_size
     train_rows = dict(data.rows["train"])  # every batch array is [b, ...] of rank >= 2
     train_rows["labels"] = train_rows["labels"][:, None]
+    train_rows["index"] = np.arange(len(data.splits["train"]), dtype=np.int32)[:, None]
     train_rows["bias_probs"] = data.bias["train"].astype(np.float32)
     if config.loss.kind == "conf_reg":
         ids = [x.id for x in data.splits["train"]]

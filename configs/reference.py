@@ -28,6 +28,8 @@ CONFIGS = (
     ("configs/sft/instruct.py", ("configs/sft/instruct.py", "configs/base.py", "model/config.py")),
     ("configs/dpo/pairs.py", ("configs/dpo/pairs.py", "configs/base.py", "model/config.py")),
     ("configs/reward/pairs.py", ("configs/reward/pairs.py", "configs/base.py", "model/config.py")),
+    ("configs/classify/shortcut.py", ("configs/classify/shortcut.py", "configs/base.py",
+                                      "model/config.py")),
     ("configs/rl/ppo.py:tiny", ("configs/rl/ppo.py", "configs/base.py", "model/config.py")),
     ("configs/rl/grpo.py:tiny", ("configs/rl/grpo.py", "configs/base.py", "model/config.py")),
     ("configs/quickstart.py", ("configs/quickstart.py",)),

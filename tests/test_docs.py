@@ -12,10 +12,12 @@ from hibari.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "data" / "README.md", REPO / "align" / "README.md",
-        *sorted((REPO / "docs").glob("*.md")), REPO / "docs" / "results" / "rl" / "README.md"]
+        *sorted((REPO / "docs").glob("*.md")), REPO / "docs" / "results" / "rl" / "README.md",
+        REPO / "docs" / "results" / "debias" / "README.md"]
 RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
                 "dpo": "configs/dpo/pairs.py", "reward": "configs/reward/pairs.py",
-                "ppo": "configs/rl/ppo.py", "grpo": "configs/rl/grpo.py"}
+                "ppo": "configs/rl/ppo.py", "grpo": "configs/rl/grpo.py",
+                "classify": "configs/classify/shortcut.py"}
 
 
 def shown_commands() -> list[tuple[str, str]]:
@@ -41,7 +43,7 @@ COMMANDS_SHOWN = shown_commands()
 def test_docs_show_the_main_commands():
     names = {shlex.split(c, comments=True)[1] for _, c in COMMANDS_SHOWN}
     assert {"quickstart", "pretrain", "sft", "dpo", "eval", "data", "sweep", "scaling",
-            "convert", "reward", "ppo", "grpo"} <= names
+            "convert", "reward", "ppo", "grpo", "classify"} <= names
 
 
 @pytest.mark.parametrize("doc,command", COMMANDS_SHOWN,

@@ -24,10 +24,11 @@ def get_config(arg: str = ""):
     c = align_config(f"classify-shortcut-{kind}", steps=120, seq_len=128, batch_size=16,
                      lr=1e-3)
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=192)
-    c.num_classes = 2
+    c.num_classes = 2  # k: labels are 0..k-1
     c.data = ml_collections.ConfigDict(dict(
         tokenizer="align/assets/seed_sp.model",
-        path="align/assets/imdb/sample.csv",  # CSV (header) or JSONL of labelled texts
+        # path: a CSV (header row) or JSONL of labelled texts
+        path="align/assets/imdb/sample.csv",
         text_field="text", label_field="label",
         id_field="",  # "" = ids row<i>, the 0-based data row
         test_fraction=0.3,  # stratified: 200 reviews -> 140 train / 60 test
@@ -35,19 +36,23 @@ def get_config(arg: str = ""):
         seq_len=128,  # [bos] + the first 126 tokens + [eos]; longer texts are cut
         batch_size=16))
     c.plant = ml_collections.ConfigDict(dict(
-        markers=["[[B]]", "[[A]]"],  # markers[c] marks class c (0 negative, 1 positive)
+        markers=("[[B]]", "[[A]]"),  # markers[c] marks class c (0 negative, 1 positive)
         agree=0.9,  # share of train / test_id rows whose marker agrees; < 0: no marker
-        seed=0))
+        marker_seed=0))  # which rows agree and the other-class markers
+    # loss.kind: ce | reweight | poe | conf_reg
     c.loss = ml_collections.ConfigDict(dict(
-        kind=kind,  # ce | reweight | poe | conf_reg
+        kind=kind,
         teacher=""))  # conf_reg: a plain classify run dir or a JSONL of {id, probs}
+    # bias.kind: bow | file; bias.path (file): a JSONL of {"id", "probs"} for the training ids
+    # ("test_id:<id>" / "test_anti:<id>" rows optional)
     c.bias = ml_collections.ConfigDict(dict(
-        kind="bow",  # bow | file
-        path="",  # file: JSONL of {"id", "probs"} (train ids; "test_id:<id>" optional)
-        words=["[[A]]", "[[B]]"],  # bow vocabulary; [] = every word seen min_count times
+        kind="bow",
+        path="",
+        words=("[[A]]", "[[B]]"),  # bow vocabulary; () = every word seen min_count times
         min_count=2, l2=1.0,
         folds=5))  # out-of-fold bias probabilities for training rows (<= 1: in-sample)
-    c.head = ml_collections.ConfigDict(dict(pool="mean"))  # mean | last
+    c.head = ml_collections.ConfigDict(dict(
+        pool="mean"))  # mean | last: the final hidden states the head reads
     c.optim.b2 = 0.999
     c.log_every = 10
     c.eval_every = c.get_ref("steps") // 2
