@@ -425,19 +425,12 @@ def classify_task(config: ml_collections.ConfigDict, workdir: str | Path | None 
 def load_classifier(run_dir: str | Path, step: int | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) of a `hibari classify` run directory (latest checkpoint by default)."""
     from hibari.model import param_shapes
-    from hibari.model.params_io import (
-        CheckpointError,
-        finished_steps,
-        model_config_of_run,
-        restore_tree,
-    )
-    run_dir = Path(run_dir).absolute()
-    cfg = model_config_of_run(run_dir)
-    num_classes = json.loads((run_dir / "config.json").read_text())["num_classes"]
-    steps = finished_steps(run_dir / "checkpoints")
-    if not steps:
-        raise CheckpointError(f"{run_dir}/checkpoints holds no finished checkpoint")
-    step = max(steps) if step is None else step
-    shapes = {"transformer": param_shapes(cfg),
-              "head": jax.eval_shape(lambda: init_head(cfg, jax.random.key(0), num_classes))}
-    return cfg, restore_tree(run_dir / "checkpoints" / str(step) / "params", shapes)
+    from hibari.model.params_io import CheckpointError, restore_run_params
+    try:
+        num_classes = json.loads((Path(run_dir) / "config.json").read_text())["num_classes"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{run_dir}/config.json: no num_classes ({e}); not a "
+                              "`hibari classify` run directory") from e
+    return restore_run_params(run_dir, lambda cfg: {
+        "transformer": param_shapes(cfg),
+        "head": jax.eval_shape(lambda: init_head(cfg, jax.random.key(0), num_classes))}, step)

@@ -107,19 +107,7 @@ def score(params, prompts: Sequence[Any], responses: Sequence[str], *, cfg: Mode
 
 def load_reward_model(run_dir: str | Path, step: int | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) of a `hibari reward` run directory (latest checkpoint by default)."""
-    from hibari.model.params_io import (
-        CheckpointError,
-        finished_steps,
-        model_config_of_run,
-        restore_tree,
-    )
-    run_dir = Path(run_dir).absolute()
-    cfg = model_config_of_run(run_dir)
-    steps = finished_steps(run_dir / "checkpoints")
-    if not steps:
-        raise CheckpointError(f"{run_dir}/checkpoints holds no finished checkpoint")
-    step = max(steps) if step is None else step
-    shapes = {"transformer": param_shapes(cfg),
-              "head": jax.eval_shape(lambda: init_head(cfg, jax.random.key(0)))}
-    params = restore_tree(run_dir / "checkpoints" / str(step) / "params", shapes)
-    return cfg, params
+    from hibari.model.params_io import restore_run_params
+    return restore_run_params(run_dir, lambda cfg: {
+        "transformer": param_shapes(cfg),
+        "head": jax.eval_shape(lambda: init_head(cfg, jax.random.key(0)))}, step)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -95,6 +95,19 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, A
 def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
     """The steps of a run's `checkpoints/` whose save finished (orbax's finalized steps)."""
     return sorted(ocp.utils.checkpoint_steps(checkpoints_dir))
+
+
+def restore_run_params(run_dir: str | os.PathLike, shapes_of: Callable[[ModelConfig], Any],
+                       step: int | None = None) -> tuple[ModelConfig, Any]:
+    """(cfg, params) of a training run directory whose parameter tree is `shapes_of(cfg)`
+    (e.g. a transformer plus a head), from its latest finished checkpoint by default."""
+    run_dir = Path(run_dir).absolute()
+    cfg = model_config_of_run(run_dir)
+    steps = finished_steps(run_dir / "checkpoints")
+    if not steps:
+        raise CheckpointError(f"{run_dir}/checkpoints holds no finished checkpoint")
+    step = max(steps) if step is None else step
+    return cfg, restore_tree(run_dir / "checkpoints" / str(step) / "params", shapes_of(cfg))
 
 
 def restore_tree(directory: str | os.PathLike, shapes, shardings=None):
