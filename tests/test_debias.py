@@ -199,12 +199,7 @@ def tiny_config(steps, **fields):
     c.update(steps=steps, log_every=10, eval_every=steps, checkpoint_every=steps,
              async_checkpoint=False)
     c.optim.lr = 3e-3
-    for key, value in fields.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    c.update_from_flattened_dict(fields)
     return c
 
 

@@ -32,12 +32,7 @@ def tiny(**overrides):
     c.model.vocab_size = 128
     c.async_checkpoint = False
     c.optim.warmup_steps = 2  # fixed, not derived from the shortened steps
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
