@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Iterator, Protocol, runtime_checkable
 
 import grain
@@ -77,13 +78,20 @@ def packed_info(manifest_or_dirs) -> dict:
     return {"seq_len": seq_len, "vocab_size": tok["vocab_size"], "tokenizer_sha256": sha, "sources": rows}
 
 
+# np.load parses each .npy header with ast.literal_eval; CPython 3.11's parser is not safe to
+# run from several threads at once ("SystemError: AST constructor recursion depth mismatch",
+# seen in CI when grain's threads opened the shards of two sources together).
+_NPY_OPEN_LOCK = threading.Lock()
+
+
 def target_counts(manifest_or_dirs, vocab_size: int) -> np.ndarray:
     """counts[v]: how often token v is a next-token target in the packed rows (the next token
     of the same non-padding segment, as the training loss counts them)."""
     shards, _, _ = load_manifests(manifest_or_dirs)
     counts = np.zeros(vocab_size, np.int64)
     for path in (p for paths in shards.values() for p in paths):
-        rows = np.load(path, mmap_mode="r")
+        with _NPY_OPEN_LOCK:
+            rows = np.load(path, mmap_mode="r")
         for start in range(0, len(rows), 4096):
             tokens, seg = rows[start:start + 4096, 0], rows[start:start + 4096, 1]
             same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
@@ -111,7 +119,8 @@ class PackedRows:
 
     def __init__(self, paths: list[str]):
         self.paths = list(paths)
-        sizes = [np.load(p, mmap_mode="r").shape[0] for p in self.paths]
+        with _NPY_OPEN_LOCK:  # another loader's reader threads may be opening shards
+            sizes = [np.load(p, mmap_mode="r").shape[0] for p in self.paths]
         self.offsets = np.cumsum([0] + sizes)
         self._arrays = None
 
@@ -120,7 +129,9 @@ class PackedRows:
 
     def __getitem__(self, index: int) -> np.ndarray:
         if self._arrays is None:
-            self._arrays = [np.load(p, mmap_mode="r") for p in self.paths]
+            with _NPY_OPEN_LOCK:  # grain's reader threads ask for rows concurrently
+                if self._arrays is None:
+                    self._arrays = [np.load(p, mmap_mode="r") for p in self.paths]
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return np.array(self._arrays[shard][index - self.offsets[shard]])
 
