@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +47,7 @@ from hibari.align import debias
 from hibari.align.data import AlignDataError
 from hibari.align.preference import preference_loader
 from hibari.base.config_files import resolve_path
+from hibari.base.stats import mean_stderr
 from hibari.model import ModelConfig, hidden, param_axes
 from hibari.train.loop import Task, TrainConfigError
 
@@ -304,8 +304,8 @@ def bias_probabilities(config, splits: dict[str, list[Example]]) -> dict[str, np
 # ---------------------------------------------------------------------------------------------
 
 def _accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    acc = float((probs.argmax(1) == labels).mean())
-    return acc, math.sqrt(acc * (1 - acc) / max(len(labels) - 1, 1))
+    hits = probs.argmax(1) == labels
+    return float(hits.mean()), mean_stderr(hits)
 
 
 def build_classify(config: ml_collections.ConfigDict, workdir: str | Path | None

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hibari.base.errors import UserError
+from hibari.model.logprobs import token_log_probs
 
 PROB_FLOOR = 1e-6
 
@@ -57,7 +58,7 @@ def _gold(x: jax.Array, labels: jax.Array) -> jax.Array:
 
 def per_example_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """CE_i[n] = -log_softmax(logits)[i, labels[i]] (fp32)."""
-    return -_gold(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels)
+    return -token_log_probs(logits, labels.astype(jnp.int32))[0]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

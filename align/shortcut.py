@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from hibari.base.stats import mean_stderr
 
 LOSSES = ("ce", "reweight", "poe", "conf_reg")
 CONFIG = "configs/classify/shortcut.py"
@@ -67,12 +68,6 @@ def run_one(loss: str, seed: int, out: Path, overrides: list[str], teacher: Path
     return results
 
 
-def mean_stderr(values) -> tuple[float, float]:
-    v = np.asarray(values, float)
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return float(v.mean()), se
-
-
 def summarize(runs: dict[str, list[dict]]) -> dict:
     out = {}
     for loss, rs in runs.items():
@@ -80,7 +75,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         for split in ("id", "anti", "train"):
             values = [r[f"accuracy_{split}"] for r in rs]
             row[f"accuracy_{split}"] = values
-            row[f"mean_{split}"], row[f"stderr_{split}"] = mean_stderr(values)
+            row[f"mean_{split}"] = float(np.mean(values))
+            row[f"stderr_{split}"] = mean_stderr(values)
         out[loss] = row
     first = next(iter(runs.values()))[0]
     out["bias_model"] = {f"accuracy_{s}": first[f"bias_accuracy_{s}"]

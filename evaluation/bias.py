@@ -57,7 +57,7 @@ def bbq(records: list[dict], score: str) -> tuple[dict, dict]:
 def _pair_preference(records: list[dict], score: str, name: str, group: str | None
                      ) -> tuple[dict, dict]:
     metrics, stderr = {}, {}
-    first = [bool(choice_scores(r, score)[0] > choice_scores(r, score)[1]) for r in records]
+    first = [bool(s[0] > s[1]) for s in (choice_scores(r, score) for r in records)]
     _rate(name, first, metrics, stderr)
     if group:
         for value in sorted({r["meta"][group] for r in records}):
