@@ -45,8 +45,11 @@ from hibari.evaluation.tokenizer import utf8_len
 CONTENT_FIELDS = ("question", "passage", "context", "sentence1", "sentence2", "document")
 
 
-def _contexts(task: TaskSpec, template: Template, examples, pool, k):
-    return [build_context(task, template, e, select_fewshot(pool, e, k, task.fewshot_seed))
+def _contexts(task: TaskSpec, template: Template, examples, pool, k, blank=()):
+    """Each example's prompt with its few-shot shots; `blank`: fields emptied in the example
+    and its shots after the shots are chosen (so the choice is the full-input run's)."""
+    return [build_context(task, template, *_without([e], blank),
+                          _without(select_fewshot(pool, e, k, task.fewshot_seed), blank))
             for e in examples]
 
 
@@ -135,7 +138,7 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
         stderr.update(se)
     if partial:  # the fields dropped from the example and its shots; choices kept
         part = _without(examples, partial)
-        ctx = _contexts(task, template, part, _without(pool, partial), k)
+        ctx = _contexts(task, template, examples, pool, k, blank=partial)
         rs = _choice_records(part, ctx, _score_choices(lm, task, template, part, ctx),
                              "partial:" + "+".join(partial))
         extra += rs

@@ -3,6 +3,7 @@ import gzip
 import io
 import itertools
 import json
+import re
 import shutil
 
 import jax
@@ -212,6 +213,17 @@ def test_partial_input_reads_the_label_from_the_choices_alone(checkpoint, tmp_pa
     assert m["partial_acc"] == np.mean([r["pred"] == r["gold"] for r in partial])
     assert hibari.cli.main(["eval", "--checkpoint", str(root / "export"), "--tasks",
                             str(tmp_path / "art.yaml"), "--partial-input", "questoin"]) == 1
+    # with shots: the same shots as the full-input run, the field emptied in them too
+    shots = tmp_path / "shots"
+    assert eval_main(["--checkpoint", str(root / "export"), "--tasks", str(tmp_path / "art.yaml"),
+                      "--partial-input", "question", "--fewshot", "2", "--limit", "4",
+                      "--out", str(shots)]) == 0
+    recs = read_samples(shots / "results.json")["art"]
+    full = {r["id"]: r["prompt"] for r in recs if r["variant"] == "original"}
+    for r in (r for r in recs if r["variant"] == "partial:question"):
+        assert r["prompt"].count("Answer:") == 3 and "number" not in r["prompt"]
+        assert r["prompt"] == re.sub(r"Question number \d+ about something\?", "",
+                                     full[r["id"]])
 
 
 def test_bias_tasks_recomputed_from_samples(checkpoint, tmp_path):
