@@ -1,7 +1,9 @@
 """Shared data plumbing for SFT, preference and reward data.
 
-- `read_records(path, check)`: JSONL records with their `file:line`; malformed ones are counted
-  per reason (with the first locations) in a `Skipped` report instead of crashing mid-run.
+- `read_records(paths, convert)`: JSONL records with their `file:line`; malformed ones (invalid
+  UTF-8 or JSON, a field of the wrong type, ...) are counted per reason (with the first
+  locations) in a `Skipped` report (the data room's `SourceStats`) instead of crashing mid-run;
+  a file with no usable record is an error naming it.
 - `SegmentEncoder`: tokenizes rendered segments one by one -> (tokens, loss_mask), the mask
   coming from token spans (prompt 0, response 1), with [bos] ... [eos].
 - `RowLoader`: the loader interface of train/loop over rows built per epoch: a deterministic,
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -19,6 +23,7 @@ import numpy as np
 from hibari.align.templates import Segment, TemplateError
 from hibari.base.errors import UserError
 from hibari.base.segments import positions_from_segments
+from hibari.data.sources import SourceStats, decoded_lines, open_binary
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +32,29 @@ class AlignDataError(UserError, ValueError):
     """No usable data, or a file that cannot be read; the message names the file."""
 
 
-class Skipped:
-    """Counts of skipped records per reason, with the first few `file:line` of each."""
+@dataclass
+class Skipped(SourceStats):
+    """Skipped records per reason, with the first `keep` `file:line` of each: the data room's
+    `SourceStats` (bad / reasons / bad_examples) plus locations grouped by reason."""
+    keep: int = 5
+    where: dict[str, list[str]] = field(default_factory=dict)
 
-    def __init__(self, keep: int = 5):
-        self.keep = keep
-        self.counts: dict[str, int] = {}
-        self.where: dict[str, list[str]] = {}
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
+    def reject(self, where: str, reason: str, strict: bool = False):
+        super().reject(where, reason, strict)
         locations = self.where.setdefault(reason, [])
         if len(locations) < self.keep:
             locations.append(where)
 
+    def add(self, reason: str, where: str) -> None:
+        self.reject(where, reason)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.reasons
+
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return self.bad
 
     def summary(self) -> str:
         return "; ".join(f"{n} x {reason} (e.g. {', '.join(self.where[reason])})"
@@ -54,13 +65,14 @@ class Skipped:
 
 
 def read_jsonl(path: str, skipped: Skipped) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, record) for each JSON object line; bad lines go to `skipped`."""
+    """(`file:line`, record) for each JSON object line (`.gz` / `.zst` read too); each line is
+    decoded on its own, so an invalid UTF-8 line is skipped like any bad line."""
     try:
-        f = open(path, encoding="utf-8")
+        open_binary(path).close()
     except OSError as e:
-        raise AlignDataError(f"{path}: cannot read ({e}); check config.data paths") from e
-    with f:
-        for n, line in enumerate(f, 1):
+        raise AlignDataError(f"{path}: cannot read ({e}); check config.data paths") from None
+    try:
+        for n, line in decoded_lines(path, skipped):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
@@ -70,30 +82,48 @@ def read_jsonl(path: str, skipped: Skipped) -> Iterator[tuple[str, dict]]:
                 skipped.add(f"invalid JSON ({e.msg})", where)
                 continue
             if not isinstance(record, dict):
-                skipped.add("not a JSON object", where)
+                skipped.add(f"not a JSON object (a {type(record).__name__})", where)
                 continue
             record.setdefault("id", where)
             yield where, record
+    except UserError as e:  # a file that cannot be read to the end (corrupt compression)
+        raise AlignDataError(str(e)) from None
 
 
 def read_records(paths: str | Sequence[str], convert: Callable[[dict], Any],
                  skipped: Skipped | None = None) -> tuple[list[Any], Skipped]:
     """[convert(record)] over JSONL files; `convert` raises TemplateError / AlignDataError for a
-    malformed record (counted with its file:line and skipped). Errors if nothing is left."""
+    malformed record (counted with its file:line and skipped). A file that is empty or holds
+    no usable record is an error naming it (so is an empty list of files)."""
     skipped = skipped if skipped is not None else Skipped()
-    paths = [paths] if isinstance(paths, str) else list(paths)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise AlignDataError("no data files given (an empty list of paths); set the config's "
+                             "data paths (e.g. config.data.train_path)")
     out = []
-    for path in paths:
+    for path in map(str, paths):
+        before, bad_before = len(out), skipped.total
         for where, record in read_jsonl(path, skipped):
             try:
                 out.append(convert(record))
             except (TemplateError, AlignDataError) as e:
                 skipped.add(str(e), where)
+        if len(out) == before:
+            bad = skipped.total - bad_before
+            why = (f"all {bad} records skipped: {_summary_of(skipped, path)}" if bad
+                   else "the file is empty")
+            raise AlignDataError(f"{path}: no usable records ({why})")
     if skipped.total:
         log.warning("skipped %d records: %s", skipped.total, skipped.summary())
-    if not out:
-        raise AlignDataError(f"{paths}: no usable records ({skipped.summary() or 'empty'})")
     return out, skipped
+
+
+def _summary_of(skipped: Skipped, path: str) -> str:
+    """The reasons of `skipped` that have an example in `path` (first locations kept)."""
+    prefix = f"{path}:"
+    mine = {r: [w for w in ws if w.startswith(prefix)] for r, ws in skipped.where.items()}
+    return "; ".join(f"{reason} (e.g. {', '.join(ws)})" for reason, ws in sorted(mine.items()) if ws) \
+        or skipped.summary()
 
 
 # ---------------------------------------------------------------------------------------------

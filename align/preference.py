@@ -36,6 +36,7 @@ from hibari.align.templates import (
     TemplateError,
     as_chat,
     get_template,
+    required_text,
 )
 from hibari.model import ModelConfig, hidden
 from hibari.model.logprobs import chunked_log_probs, next_token_targets
@@ -59,13 +60,6 @@ class Item(NamedTuple):
 # Records -> tokens
 # ---------------------------------------------------------------------------------------------
 
-def _text(record: Mapping[str, Any], name: str) -> str:
-    value = record.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise TemplateError(f"field {name!r} is missing or empty")
-    return value
-
-
 def prompt_segments(prompt: Any, template) -> tuple[list[Segment], bool]:
     """(segments, is_chat) of a prompt given as a string, {instruction, input} or messages."""
     if isinstance(prompt, list):
@@ -73,7 +67,8 @@ def prompt_segments(prompt: Any, template) -> tuple[list[Segment], bool]:
     if isinstance(prompt, str):
         prompt = {"instruction": prompt}
     if not isinstance(prompt, Mapping):
-        raise TemplateError("field 'prompt' must be a string, {instruction, input} or messages")
+        raise TemplateError("field 'prompt' must be a string, {instruction, input} or messages, "
+                            f"got {type(prompt).__name__}")
     if isinstance(template, ChatTemplate):
         return template.prompt(as_chat(prompt, with_output=False)), True
     return template.prompt(prompt), False
@@ -90,8 +85,8 @@ def tokenize_pair(record: Mapping[str, Any], encoder: SegmentEncoder, template,
     if "prompt" not in record:
         raise TemplateError("field 'prompt' is missing")
     prompt, chat = prompt_segments(record["prompt"], template)
-    chosen = encode_sequence(encoder, prompt, _text(record, "chosen"), chat)
-    rejected = encode_sequence(encoder, prompt, _text(record, "rejected"), chat)
+    chosen = encode_sequence(encoder, prompt, required_text(record, "chosen"), chat)
+    rejected = encode_sequence(encoder, prompt, required_text(record, "rejected"), chat)
     _check_length(len(chosen[0]) + len(rejected[0]), seq_len)
     return Item(str(record.get("id")), chosen, rejected)
 
@@ -120,7 +115,7 @@ def tokenize_unpaired(records: Sequence[Mapping[str, Any]], encoder: SegmentEnco
                 raise TemplateError("field 'prompt' is missing")
             prompt, chat = prompt_segments(record["prompt"], template)
             parsed.append((str(record.get("id")), prompt, chat,
-                           _text(record, "completion"), _label(record), where,
+                           required_text(record, "completion"), _label(record), where,
                            str(record.get("group", ""))))
         except TemplateError as e:
             skipped.add(str(e), where)

@@ -92,6 +92,8 @@ def score(params, prompts: Sequence[Any], responses: Sequence[str], *, cfg: Mode
     encoder, tpl = SegmentEncoder(tokenizer), get_template(template)
     items = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
+        if not isinstance(r, str):
+            raise ValueError(f"responses[{i}] must be a string, got {type(r).__name__}")
         segments, chat = prompt_segments(p, tpl)
         seq = encode_sequence(encoder, segments, r, chat)
         if len(seq[0]) > cfg.max_seq_len:

@@ -13,11 +13,16 @@ config may also give its own instruction template as a dict of the `InstructionT
 FLAN-style conversion (`flan_instructions`): records of a task dataset become instruction
 triples through several phrasings per task; the phrasing of each example is a pure function of
 (seed, example id), so a dataset converts identically on every host and rerun.
+
+Text fields are strings: a record whose `instruction` / `input` / `output` / message `content`
+(or a preference `prompt` / `chosen` / `rejected` / `completion`) holds a number, a list or an
+object is a bad record (`TemplateError` naming the field and the type), never stringified.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import string
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 from hibari.base.errors import UserError
@@ -44,14 +49,14 @@ class InstructionTemplate:
     without_input: str  # format string with {instruction}
 
     def prompt(self, record: Mapping[str, Any]) -> list[Segment]:
-        instruction = _field(record, "instruction")
-        extra = str(record.get("input") or "").strip()
+        instruction = required_text(record, "instruction")
+        extra = optional_text(record, "input")
         text = (self.with_input.format(instruction=instruction, input=extra) if extra
                 else self.without_input.format(instruction=instruction))
         return [Segment(text, False)]
 
     def render(self, record: Mapping[str, Any]) -> list[Segment]:
-        return self.prompt(record) + [Segment(_field(record, "output"), True)]
+        return self.prompt(record) + [Segment(required_text(record, "output"), True)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +71,9 @@ class ChatTemplate:
         if role not in ROLES:
             raise TemplateError(f"messages[{i}].role={role!r}; choose one of {sorted(ROLES)}")
         content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
+        if content is not None and not isinstance(content, str):
+            raise TemplateError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        if not content or not content.strip():
             raise TemplateError(f"messages[{i}].content is missing or empty")
         if role == "assistant":
             return [Segment(ASSISTANT, False), Segment(content + END, True),
@@ -98,19 +105,33 @@ class ChatTemplate:
 def as_chat(record: Mapping[str, Any], with_output: bool = True) -> dict:
     """An instruction triple as a chat: the user turn holds instruction and input, the
     assistant turn the output."""
-    user = _field(record, "instruction")
-    extra = str(record.get("input") or "").strip()
+    user = required_text(record, "instruction")
+    extra = optional_text(record, "input")
     messages = [{"role": "user", "content": user + ("\n\n" + extra if extra else "")}]
     if with_output:
-        messages.append({"role": "assistant", "content": _field(record, "output")})
+        messages.append({"role": "assistant", "content": required_text(record, "output")})
     return {"messages": messages}
 
 
-def _field(record: Mapping[str, Any], name: str) -> str:
+def required_text(record: Mapping[str, Any], name: str) -> str:
+    """A required text field: a non-empty string (anything else is a bad record, never
+    stringified)."""
     value = record.get(name)
-    if not isinstance(value, str) or not value.strip():
+    if value is not None and not isinstance(value, str):
+        raise TemplateError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if not value or not value.strip():
         raise TemplateError(f"field {name!r} is missing or empty")
     return value
+
+
+def optional_text(record: Mapping[str, Any], name: str) -> str:
+    """An optional text field, stripped: missing, null or "" give ""; a non-string is an error."""
+    value = record.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TemplateError(f"field {name!r} must be a string, got {type(value).__name__}")
+    return value.strip()
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
@@ -201,6 +222,11 @@ TASK_PHRASINGS: dict[str, tuple[Phrasing, ...]] = {
 }
 
 
+def _format_fields(p: Phrasing) -> set[str]:
+    return {name for text in (p.instruction, p.input, p.output)
+            for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
 def phrasing_index(seed: int, example_id: str, n: int) -> int:
     """A stable choice in [0, n) from (seed, example id) (not Python's salted hash)."""
     digest = hashlib.sha256(f"{seed}\x00{example_id}".encode()).digest()
@@ -220,6 +246,12 @@ def flan_instructions(records: Iterable[Mapping[str, Any]], task: str, seed: int
         if isinstance(fields.get("options"), (list, tuple)):
             fields["options"] = "\n".join(f"- {o}" for o in fields["options"])
         p = phrasings[phrasing_index(seed, example_id, len(phrasings))]
+        for name in _format_fields(p):
+            value = fields.get(name)
+            if name in fields and not isinstance(value, str) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TemplateError(f"record {example_id!r} of task {task!r}: field {name!r} must be a "
+                                    f"string (or a number), got {type(value).__name__}")
         try:
             yield {"id": example_id, "instruction": p.instruction.format(**fields),
                    "input": p.input.format(**fields), "output": p.output.format(**fields)}

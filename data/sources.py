@@ -5,7 +5,9 @@ per blank-line paragraph), parquet (read in record batches), TFDS array_record d
 `tfds.data_source` (no TensorFlow). Any of these may be gzip (`.gz`) or zstd (`.zst`) compressed.
 
 Bad records (malformed JSON, invalid UTF-8, missing field, empty text) are counted in a
-`SourceStats` with `file:line` and skipped; `strict=True` raises `BadInput` instead.
+`SourceStats` with `file:line` and skipped; `strict=True` raises `BadInput` instead. A file that
+cannot be read at all (corrupt compression, not parquet) raises `BadInput` naming it; with
+`nonempty=True` so does a file that yields no usable document (empty, or every record bad).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -32,11 +35,13 @@ class SourceStats:
     chars: int = 0
     bad: int = 0
     bad_examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
+    reasons: dict[str, int] = field(default_factory=dict)  # bad records per reason
 
     def reject(self, where: str, reason: str, strict: bool):
         if strict:
             raise BadInput(f"{where}: {reason} (rerun without --strict to skip and count such records)")
         self.bad += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if len(self.bad_examples) < 20:
             self.bad_examples.append(f"{where}: {reason}")
 
@@ -71,20 +76,52 @@ def _base_name(path: str) -> str:
     return name
 
 
-def _lines(path: str, stats: SourceStats, strict: bool) -> Iterator[tuple[int, str]]:
-    with open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                stats.reject(f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start}", strict)
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """Exceptions of a file whose bytes cannot be read back (corrupt or truncated compression)."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    try:
+        import zstandard
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+_UNREADABLE = _unreadable()
+
+
+def decoded_lines(path: str, stats: SourceStats, strict: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a (possibly compressed) file, decoded one line at a
+    time: an invalid UTF-8 line is a bad record (`file:line`) and the others are still read; an
+    unreadable file raises BadInput naming it and the line reached."""
+    lineno = 0
+    try:
+        f = open_binary(path)
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot open ({e.strerror or e}); check the path") from None
+    try:
+        with f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    stats.reject(f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start}", strict)
+    except _UNREADABLE as e:
+        raise BadInput(f"{path}:{lineno + 1}: cannot read the file past this line ({type(e).__name__}: "
+                       f"{e}); is it truncated or not really {_compression(path)}?") from None
+
+
+def _compression(path: str) -> str:
+    return "gzip" if path.endswith(".gz") else "zstd" if path.endswith(".zst") else "plain text"
 
 
 def read_jsonl(path: str, text_field: str = "text", id_field: str = "id",
                stats: SourceStats | None = None, strict: bool = False) -> Iterator[Doc]:
     """One document per JSON line; every other field goes to `meta`."""
     stats = stats if stats is not None else SourceStats()
-    for lineno, line in _lines(path, stats, strict):
+    for lineno, line in decoded_lines(path, stats, strict):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -97,8 +134,11 @@ def read_jsonl(path: str, text_field: str = "text", id_field: str = "id",
             stats.reject(where, f"missing field {text_field!r} (choose the field with --text-field)", strict)
             continue
         text = record.pop(text_field)
-        if not isinstance(text, str) or not text.strip():
-            stats.reject(where, f"field {text_field!r} is empty or not a string", strict)
+        if not isinstance(text, str):
+            stats.reject(where, f"field {text_field!r} must be a string, got {type(text).__name__}", strict)
+            continue
+        if not text.strip():
+            stats.reject(where, f"field {text_field!r} is empty", strict)
             continue
         doc_id = str(record.pop(id_field, f"{_base_name(path)}:{lineno}"))
         stats.docs += 1
@@ -122,7 +162,7 @@ def read_text(path: str, split: str = "file", stats: SourceStats | None = None,
 
     buf: list[str] = []
     start = 1
-    for lineno, line in _lines(path, stats, strict):
+    for lineno, line in decoded_lines(path, stats, strict):
         if split == "line":
             yield from emit(lineno, line.rstrip("\n"))
         elif split == "paragraph" and not line.strip():
@@ -138,9 +178,13 @@ def read_parquet(path: str, text_field: str = "text", id_field: str = "id",
                  batch_size: int = 1024, stats: SourceStats | None = None,
                  strict: bool = False) -> Iterator[Doc]:
     """Parquet rows read in record batches of `batch_size`."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     stats = stats if stats is not None else SourceStats()
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise BadInput(f"{path}: not a readable parquet file ({e})") from None
     if text_field not in pf.schema_arrow.names:
         raise BadInput(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); "
                        "choose it with --text-field")
@@ -198,20 +242,37 @@ def read_file(path: str, text_field: str = "text", text_split: str = "file",
 
 
 def read_docs(inputs: str | Iterable[str], text_field: str = "text", text_split: str = "file",
-              stats: SourceStats | None = None, strict: bool = False) -> Iterator[Doc]:
+              stats: SourceStats | None = None, strict: bool = False,
+              nonempty: bool = False) -> Iterator[Doc]:
     """Documents from every file matching `inputs` (globs), in sorted path order.
 
-    `tfds:NAME[/SPLIT][@DATA_DIR]` reads a prepared TFDS dataset instead of files.
+    `tfds:NAME[/SPLIT][@DATA_DIR]` reads a prepared TFDS dataset instead of files. With
+    `nonempty`, a file (or dataset) that yields no document raises BadInput naming it (user
+    inputs; an intermediate shard that filtering emptied is fine).
     """
+    stats = stats if stats is not None else SourceStats()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     for spec in map(str, inputs):
         if spec.startswith("tfds:"):
-            spec, _, data_dir = spec[5:].partition("@")
-            name, _, split = spec.partition("/")
-            yield from read_tfds(name, split or "train", data_dir or None, text_field, stats, strict)
-            continue
-        for path in expand_paths(spec):
-            yield from read_file(path, text_field, text_split, stats, strict)
+            name, _, data_dir = spec[5:].partition("@")
+            name, _, split = name.partition("/")
+            files = [(spec, read_tfds(name, split or "train", data_dir or None, text_field, stats, strict))]
+        else:
+            files = ((path, read_file(path, text_field, text_split, stats, strict)) for path in expand_paths(spec))
+        for path, docs in files:
+            docs_before, bad_before, examples_before = stats.docs, stats.bad, len(stats.bad_examples)
+            yield from docs
+            if nonempty and stats.docs == docs_before:
+                raise BadInput(f"{path}: no usable document ({_why_empty(stats, bad_before, examples_before)}); "
+                               f"check the file and --text-field ({text_field!r})")
+
+
+def _why_empty(stats: SourceStats, bad_before: int, examples_before: int) -> str:
+    bad = stats.bad - bad_before
+    if not bad:
+        return "the file is empty"
+    first = stats.bad_examples[examples_before] if len(stats.bad_examples) > examples_before else ""
+    return f"all {bad} records bad" + (f", e.g. {first}" if first else "")
 
 
 def write_jsonl(path: str, docs: Iterable[Doc]) -> int:

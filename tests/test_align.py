@@ -302,6 +302,57 @@ def test_malformed_records_are_counted_with_file_and_line(encoder, tmp_path):
         sft.load_examples(str(bad), encoder, "alpaca_en", 128)
 
 
+def test_invalid_utf8_and_non_string_fields_are_counted_not_stringified(encoder, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    good = {"instruction": "Name two colours.", "output": "Red."}
+    lines = [json.dumps(good).encode(),
+             b'{"instruction": "caf\xe9?", "output": "Yes."}',  # Latin-1, not UTF-8
+             json.dumps({**good, "input": {"a": 1}}).encode(),
+             json.dumps({**good, "input": 3}).encode(),
+             json.dumps({**good, "output": ["Red."]}).encode(),
+             json.dumps({"messages": [{"role": "user", "content": {"text": "hi"}},
+                                      {"role": "assistant", "content": "Hello."}]}).encode(),
+             json.dumps({**good, "input": None}).encode()]  # null input = no input
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    examples, skipped = sft.load_examples(str(path), encoder, "minimal", 128)
+    assert [e.id for e in examples] == [f"{path}:1", f"{path}:7"]
+    assert skipped.where == {"invalid UTF-8 at byte 20": [f"{path}:2"],
+                             "field 'input' must be a string, got dict": [f"{path}:3"],
+                             "field 'input' must be a string, got int": [f"{path}:4"],
+                             "field 'output' must be a string, got list": [f"{path}:5"],
+                             "messages[0].content must be a string, got dict": [f"{path}:6"]}
+    assert skipped.total == skipped.bad == 5  # Skipped is the data room's SourceStats
+    assert f"{path}:2: invalid UTF-8 at byte 20" in skipped.bad_examples
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Hi.", "chosen": "Red.", "rejected": "Sea."},
+        {"prompt": "Hi.", "chosen": {"text": "Red."}, "rejected": "Sea."},
+        {"prompt": 7, "chosen": "Red.", "rejected": "Sea."},
+        {"prompt": {"instruction": "Hi.", "input": [1]}, "chosen": "Red.", "rejected": "Sea."}]) + "\n")
+    items, skipped = preference.load_pairs(str(pairs), encoder, "minimal", 128)
+    assert len(items) == 1
+    assert skipped.counts == {"field 'chosen' must be a string, got dict": 1,
+                              "field 'prompt' must be a string, {instruction, input} or messages, got int": 1,
+                              "field 'input' must be a string, got list": 1}
+
+
+def test_empty_or_unusable_align_files_are_one_line_errors(encoder, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"instruction": "Hi.", "output": "Red."}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Hi.", "output": 3}) + "\n{oops\n")
+    cases = [([str(good), str(empty)], rf"{empty}: no usable records \(the file is empty\)"),
+             (str(bad), rf"{bad}: no usable records \(all 2 records skipped: .*got int \(e\.g\. {bad}:1\)"),
+             ([], "no data files given"),
+             (str(tmp_path / "missing.jsonl"), r"missing\.jsonl: cannot read \(.*No such file")]
+    for paths, message in cases:
+        with pytest.raises(AlignDataError, match=message) as e:
+            sft.load_examples(paths, encoder, "minimal", 128)
+        assert "\n" not in str(e.value)
+
+
 def _collect(loader, n):
     it = iter(loader)
     return [next(it) for _ in range(n)]
