@@ -215,8 +215,8 @@ def test_backend_choice(monkeypatch):
 
 
 def test_canonical_humaneval_solutions_pass_and_empty_ones_fail(backend):
-    problems = read_examples("humaneval", TASK_DIR / "data" / "humaneval_sample.jsonl")[:5]
-    for p in problems:
+    problems = read_examples("humaneval", TASK_DIR / "data" / "humaneval_sample.jsonl")
+    for p in problems[:3 if backend == "bwrap" else 5]:  # bwrap: ~0.1 s more a run
         ok = run_program(humaneval_program(p["prompt"], p["canonical_solution"], p["test"],
                                            p["entry_point"]), backend=backend)
         assert ok.status == "passed", (p["id"], ok.stderr)
