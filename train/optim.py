@@ -3,9 +3,18 @@
     optim: {lr: 3e-4, b1: 0.9, b2: 0.95, eps: 1e-8, weight_decay: 0.1, clip_norm: 1.0,
             schedule: cosine | wsd | constant, warmup_steps: 100, min_lr_ratio: 0.1,
             decay_fraction: 0.2, decay_embeddings: False}
+
+`validate_optim` checks every field before anything is built (`make_optimizer` calls it):
+lr in (0, 10] (AdamW moves each weight by about lr per step, so a larger one only diverges,
+and 1e39 is inf in float32), warmup_steps an integer in [0, steps], b1 and b2 in [0, 1),
+eps finite and >= 1e-30 (0, or a value that underflows in float32, makes 0/0 = NaN updates),
+weight_decay finite and >= 0, clip_norm finite and > 0 (0 or None: no clipping),
+min_lr_ratio and decay_fraction in [0, 1], decay_embeddings a bool.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -14,24 +23,87 @@ import optax
 from hibari.base.errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+LR_MAX = 10.0  # see the module docstring
+EPS_MIN = 1e-30
+_MISSING = object()
 
 
 class OptimConfigError(UserError, ValueError):
     """An optimizer setting is invalid."""
 
 
+def _field(optim: Any, name: str) -> Any:
+    try:
+        return optim[name] if isinstance(optim, dict) else getattr(optim, name)
+    except (KeyError, AttributeError):
+        return _MISSING
+
+
+def _real(name: str, value: Any, allowed: str) -> float:
+    """`value` as a finite float, or an OptimConfigError naming config.optim.<name>."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptimConfigError(f"config.optim.{name}={value!r} must be a number {allowed}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise OptimConfigError(f"config.optim.{name}={value!r} must be a finite number {allowed}")
+    return x
+
+
+def _check(name: str, value: Any, ok, allowed: str, hint: str = "") -> None:
+    if not ok(_real(name, value, allowed)):
+        raise OptimConfigError(f"config.optim.{name}={value!r} must be {allowed}{hint}")
+
+
+def validate_optim(optim: Any, total_steps: int) -> None:
+    """Raise OptimConfigError (one line: config.optim.<field>, its value, the allowed range) for
+    the first invalid field; fields absent from `optim` are left to the code that reads them."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) \
+            or total_steps <= 0:
+        raise OptimConfigError(f"optimizer total steps={total_steps!r} must be a positive "
+                               "integer (config.steps)")
+    schedule = _field(optim, "schedule")
+    if schedule is not _MISSING and schedule not in SCHEDULES:
+        raise OptimConfigError(f"config.optim.schedule={schedule!r}; choose from {SCHEDULES}")
+    checks = [
+        ("lr", lambda x: 0 < x <= LR_MAX, f"in (0, {LR_MAX:g}]",
+         " (AdamW moves each weight by about lr per step; typical: 1e-4 to 3e-3)"),
+        ("b1", lambda x: 0 <= x < 1, "in [0, 1)", ""),
+        ("b2", lambda x: 0 <= x < 1, "in [0, 1)", ""),
+        ("eps", lambda x: x >= EPS_MIN, f"finite and >= {EPS_MIN:g}",
+         " (0 or a float32 underflow makes NaN updates; typical: 1e-8)"),
+        ("weight_decay", lambda x: x >= 0, "finite and >= 0", ""),
+        ("min_lr_ratio", lambda x: 0 <= x <= 1, "in [0, 1]", " (the decay's floor, a share of lr)"),
+        ("decay_fraction", lambda x: 0 <= x <= 1, "in [0, 1]", " (wsd's share of the steps)"),
+    ]
+    for name, ok, allowed, hint in checks:
+        value = _field(optim, name)
+        if value is not _MISSING:
+            _check(name, value, ok, allowed, hint)
+    warmup = _field(optim, "warmup_steps")
+    if warmup is not _MISSING:
+        allowed = f"an integer in [0, steps={total_steps}]"
+        x = _real("warmup_steps", warmup, allowed)
+        if not x.is_integer() or not 0 <= x <= total_steps:
+            raise OptimConfigError(
+                f"config.optim.warmup_steps={warmup!r} must be {allowed}; set "
+                f"--config.optim.warmup_steps=N (e.g. {max(total_steps // 20, 0)}) when "
+                "shortening a run")
+    clip = _field(optim, "clip_norm")
+    if clip is not _MISSING and clip is not None and clip is not False and clip != 0:
+        _check("clip_norm", clip, lambda x: x > 0, "finite and > 0, or 0 / None for no clipping")
+    decay_embeddings = _field(optim, "decay_embeddings")
+    if decay_embeddings is not _MISSING and decay_embeddings not in (True, False):
+        raise OptimConfigError(f"config.optim.decay_embeddings={decay_embeddings!r} must be "
+                               "True or False")
+
+
 def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`
     (cosine); or warmup, a constant stage, and a linear cooldown over the last `decay_fraction`
     of training (WSD, Hu et al. 2024); or warmup then constant."""
+    validate_optim(optim, total_steps)
     lr, warmup = float(optim.lr), int(optim.warmup_steps)
     floor = lr * float(optim.min_lr_ratio)
-    if optim.schedule not in SCHEDULES:
-        raise OptimConfigError(f"config.optim.schedule={optim.schedule!r}; choose from {SCHEDULES}")
-    if warmup < 0 or warmup > total_steps:
-        raise OptimConfigError(f"config.optim.warmup_steps={warmup} must be in [0, steps="
-                               f"{total_steps}]; set --config.optim.warmup_steps=N (e.g. "
-                               f"{max(total_steps // 20, 0)}) when shortening a run")
     warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
     rest = max(total_steps - warmup, 1)
     if optim.schedule == "cosine":
@@ -61,7 +133,9 @@ def decay_mask(params, decay_embeddings: bool = False):
 
 def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation,
                                                           optax.Schedule]:
-    """AdamW with global-norm clipping; returns (optimizer, schedule)."""
+    """AdamW with global-norm clipping; returns (optimizer, schedule). Every field is checked
+    first (`validate_optim`)."""
+    validate_optim(optim, total_steps)
     schedule = make_schedule(optim, total_steps)
     parts = []
     if optim.clip_norm and optim.clip_norm > 0:
