@@ -46,6 +46,7 @@ def base_config(name: str, steps: int, *, shape: dict, data: dict, lr: float,
     c.z_loss = 0.0  # weight of the PaLM z-loss, log(Z)^2
     c.logits_chunk = 0  # >0: compute logits in sequence chunks of this size (memory)
     c.nan_policy = "stop"  # stop | skip
+    c.nan_max_skips = 10  # nan_policy=skip: this many skipped steps in a row stop the run
 
     c.log_every = 10  # steps between metrics.jsonl / TensorBoard records
     c.eval_every = steps_ref // 5  # also evaluated at the final step

@@ -3,11 +3,15 @@
 Subcommands are registered as "module:function" strings and imported only when run, so
 `hibari --help` is instant (no JAX import). Each function takes the remaining argv and raises a
 `UserError` on bad input; `main` catches it here, once, and prints its message without a
-traceback (exit status 1).
+traceback (exit status 1). A full disk is reported the same way; Ctrl-C before a training loop
+has started exits 130 (once it has started, the loop saves a checkpoint and exits 0).
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import signal
 import sys
 
 # name -> (module:function, one-line help). Rooms add their commands here.
@@ -38,6 +42,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -47,13 +52,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hibari: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name][0].split(":")
+    as_program = argv_given is None
+    if as_program:  # Ctrl-C interrupts start-up even where the parent ignored SIGINT (`cmd &`)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from hibari.base.errors import UserError
     try:
         result = getattr(importlib.import_module(module), func)(rest)
     except UserError as e:
         print(f"hibari {name}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"hibari {name}: interrupted", file=sys.stderr)
+        if as_program:  # skip interpreter teardown: XLA/grain threads may be half started
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        return 130
+    except OSError as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        print(f"hibari {name}: error: {full}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The one-line message for a write that failed for lack of space (None: another error)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" writing {error.filename}" if error.filename else ""
+            return (f"{os.strerror(error.errno).lower()}{where}: free space (or raise the quota) "
+                    "and rerun the same command; finished files and checkpoints are intact")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ both), a single step directory, or a Hugging Face directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from hibari.base.errors import UserError
@@ -20,10 +23,84 @@ from hibari.model.config import ModelConfig
 from hibari.model.transformer import param_shapes
 
 PARAMS_CONFIG = "model_config.json"
+CHECKSUMS = "checksums.json"  # a params export's per-array checksums ({"params": ...})
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the config."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint's arrays differ from the checksums recorded when it was saved, hold
+    non-finite values, or cannot be read."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-array checksums
+# ---------------------------------------------------------------------------------------------
+
+INTEGRITY_VERSION = 1
+_MULT = np.uint32(2654435761)  # Knuth's multiplicative hash constant
+
+
+def _array_digest(x):
+    """[sum of words, sum of words x position hash] mod 2^32 over x's raw bits, and 1 if x is
+    all finite (one uint32[3]). A changed word always changes the first sum; two changed words cancelling
+    in both is a 2^-32 coincidence. Elementwise + reductions: runs sharded, no gather."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        words = (x if x.dtype == unsigned else jax.lax.bitcast_convert_type(x, unsigned))
+        words = words.astype(jnp.uint32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * np.uint32(stride)
+        stride = stride * x.shape[axis] % 2 ** 32
+    finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+              else jnp.bool_(True))
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                      jnp.sum(words * (index * _MULT + np.uint32(1)), dtype=jnp.uint32),
+                      finite.astype(jnp.uint32)])
+
+
+_tree_digest = jax.jit(lambda tree: jax.tree.map(_array_digest, tree))
+
+
+def tree_checksums(tree) -> dict[str, Any]:
+    """{"version", "arrays": {path: [sum, weighted sum]}, "nonfinite": [paths]} of a pytree of
+    arrays (sharded or not; computed on device, a few bytes per array come back)."""
+    digests = jax.device_get(_tree_digest(tree))
+    arrays, nonfinite = {}, []
+    for path, (total, weighted, finite) in jax.tree_util.tree_flatten_with_path(digests)[0]:
+        name = jax.tree_util.keystr(path)
+        arrays[name] = [int(total), int(weighted)]
+        if not finite:
+            nonfinite.append(name)
+    return {"version": INTEGRITY_VERSION, "arrays": arrays, "nonfinite": nonfinite}
+
+
+def verify_checksums(tree, recorded: dict | None, where: str) -> None:
+    """Raise CheckpointCorrupt unless `tree`'s arrays match `recorded` (tree_checksums at save
+    time; None: saved before checksums existed, only finiteness is checked) and are finite."""
+    now = tree_checksums(tree)
+    problems = []
+    if recorded is not None:
+        old = recorded.get("arrays", {})
+        differ = [k for k in now["arrays"] if old.get(k) != now["arrays"][k]]
+        missing = sorted(set(old) - set(now["arrays"]))
+        if differ:
+            problems.append(f"{len(differ)} array(s) differ from their saved checksums "
+                            f"(e.g. {differ[0]})")
+        if missing:
+            problems.append(f"{len(missing)} saved array(s) not restored (e.g. {missing[0]})")
+    if now["nonfinite"]:
+        problems.append(f"{len(now['nonfinite'])} array(s) hold NaN or inf "
+                        f"(e.g. {now['nonfinite'][0]})")
+    if problems:
+        raise CheckpointCorrupt(f"{where}: {'; '.join(problems)}")
 
 
 def abstract_tree(tree, shardings=None):
@@ -44,6 +121,7 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params)
+    (directory / CHECKSUMS).write_text(json.dumps({"params": tree_checksums(params)}))
     (directory / PARAMS_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
     return directory
 
@@ -81,7 +159,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, Path, ModelConfig 
 
 
 def load_params(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, Any]:
-    """(cfg, params) from any checkpoint kind; placed on `shardings` (default: device 0)."""
+    """(cfg, params) from any checkpoint kind; placed on `shardings` (default: device 0).
+    Saved checksums are verified; a run directory whose newest step fails verification or
+    reading falls back to its newest good step, with a warning naming the bad one."""
     kind, where, cfg = resolve_checkpoint(path)
     if kind == "hf":
         from hibari.model.hf import import_hf
@@ -89,7 +169,10 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, A
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return cfg, params
-    return cfg, restore_tree(where, param_shapes(cfg), shardings)
+    run_dir = Path(path).absolute()
+    if kind == "step" and where.parent.parent == run_dir / "checkpoints":
+        return cfg, restore_newest_good(run_dir, param_shapes(cfg), shardings)
+    return cfg, restore_verified(where, param_shapes(cfg), shardings)
 
 
 def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
@@ -100,22 +183,74 @@ def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
 def restore_run_params(run_dir: str | os.PathLike, shapes_of: Callable[[ModelConfig], Any],
                        step: int | None = None) -> tuple[ModelConfig, Any]:
     """(cfg, params) of a training run directory whose parameter tree is `shapes_of(cfg)`
-    (e.g. a transformer plus a head), from its latest finished checkpoint by default."""
+    (e.g. a transformer plus a head): the given step, or the newest one that verifies."""
     run_dir = Path(run_dir).absolute()
     cfg = model_config_of_run(run_dir)
+    if step is not None:
+        return cfg, restore_verified(run_dir / "checkpoints" / str(step) / "params", shapes_of(cfg))
+    return cfg, restore_newest_good(run_dir, shapes_of(cfg))
+
+
+def saved_checksums(params_dir: str | os.PathLike) -> dict | None:
+    """The checksums recorded for a `params/` directory when it was saved: a training step's
+    `integrity` item or a params export's checksums.json (None: saved without them)."""
+    params_dir = Path(params_dir)
+    for path, key in ((params_dir.parent / "integrity" / "metadata", "params"),
+                      (params_dir.parent / CHECKSUMS, "params")):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())[key]
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointCorrupt(f"{path}: unreadable checksum record ({e})") from e
+    return None
+
+
+def restore_verified(params_dir: str | os.PathLike, shapes, shardings=None):
+    """restore_tree + verify_checksums against the record saved with it."""
+    recorded = saved_checksums(params_dir)
+    tree = restore_tree(params_dir, shapes, shardings)
+    verify_checksums(tree, recorded, str(params_dir))
+    return tree
+
+
+def restore_newest_good(run_dir: str | os.PathLike, shapes, shardings=None):
+    """The params of a run's newest step that reads and verifies; older steps are tried in
+    turn (each failure is logged as a warning naming the step and why)."""
+    run_dir = Path(run_dir)
     steps = finished_steps(run_dir / "checkpoints")
     if not steps:
         raise CheckpointError(f"{run_dir}/checkpoints holds no finished checkpoint")
-    step = max(steps) if step is None else step
-    return cfg, restore_tree(run_dir / "checkpoints" / str(step) / "params", shapes_of(cfg))
+    failures = []
+    for step in reversed(steps):
+        params_dir = run_dir / "checkpoints" / str(step) / "params"
+        try:
+            tree = restore_verified(params_dir, shapes, shardings)
+        except CheckpointCorrupt as e:
+            failures.append(str(e))
+            log.warning("checkpoint step %d is unusable, trying the previous step: %s", step, e)
+            continue
+        if failures:
+            log.warning("using step %d of %s: the newer step(s) failed verification", step, run_dir)
+        return tree
+    raise CheckpointCorrupt(f"{run_dir}: no checkpoint step reads and verifies: "
+                            + " | ".join(failures))
 
 
 def restore_tree(directory: str | os.PathLike, shapes, shardings=None):
     """The arrays saved in `directory` (orbax StandardSave) with the structure of `shapes`,
     placed on `shardings` (default: device 0)."""
+    directory = Path(directory).absolute()
+    target = abstract_tree(shapes, shardings)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(Path(directory).absolute(), abstract_tree(shapes, shardings))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{directory}: parameters do not match the model config "
-                              f"({type(e).__name__}: {e})") from e
+            return ckptr.restore(directory, target)
+    except (ValueError, KeyError) as e:
+        if any(w in str(e).lower() for w in ("shape", "dtype", "tree structure")):
+            raise CheckpointError(f"{directory}: parameters do not match the model config "
+                                  f"({type(e).__name__}: {e})") from e
+        raise CheckpointCorrupt(f"{directory}: cannot read the saved arrays "
+                                f"({type(e).__name__}: {str(e)[:300]})") from e
+    except Exception as e:  # tensorstore/zarr decode errors of damaged files have many types
+        raise CheckpointCorrupt(f"{directory}: cannot read the saved arrays "
+                                f"({type(e).__name__}: {str(e)[:300]})") from e
+

@@ -5,7 +5,15 @@
 
 A run restarted with the same command resumes from its latest checkpoint (parameters, optimizer
 state, step, RNG and the loader position) and reproduces the uninterrupted run's losses.
-SIGTERM / SIGINT save a checkpoint at the current step and return normally (exit code 0).
+SIGTERM / SIGINT once training has started save a checkpoint at the current step and return
+normally (exit code 0); before that they interrupt (KeyboardInterrupt: `hibari` exits 130).
+
+Nothing lost, nothing silently wrong: the config is validated before anything is written; the
+workdir is locked (hibari.base.runlock) for the whole run, so a second run on it fails naming the
+first; a step whose update is not finite is never applied (the step's `finite` flag also covers
+the updated parameters and optimizer state) and so never saved; checkpoints carry per-array
+checksums and a resume falls back past a damaged newest step (train/checkpoint.py);
+metrics.jsonl is cut back to the restored step, so each step appears once.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hibari.base.errors import UserError
+from hibari.base.runlock import DirLock
 from hibari.model import ModelConfig, flops_per_token, init, param_axes
 from hibari.train.checkpoint import Checkpointer
 from hibari.train.losses import lm_loss_fn
@@ -46,6 +55,7 @@ if TYPE_CHECKING:  # grain is imported only when packed data is read
 log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("stop", "skip")
+NAN_MAX_SKIPS = 10  # default of config.nan_max_skips: consecutive skipped steps that stop a run
 # Steps dispatched ahead of the host. Enough to keep an accelerator busy; unbounded queues of
 # collectives stall XLA:CPU's simulated devices.
 MAX_IN_FLIGHT = 4
@@ -56,8 +66,8 @@ class TrainConfigError(UserError, ValueError):
     """The training config is invalid; the message names the field."""
 
 
-class NonFiniteError(RuntimeError):
-    """A step produced a non-finite loss or gradient under nan_policy="stop"."""
+class NonFiniteError(UserError, RuntimeError):
+    """Non-finite steps: one under nan_policy="stop", or too many in a row under "skip"."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,9 +81,10 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def validate_config(config: ml_collections.ConfigDict, own_data: bool = False) -> ModelConfig:
     """Check the fields the loop relies on before anything is compiled or written
     (`own_data`: a Task supplies the loaders, so config.data.kind/path are its business)."""
-    for name in ("steps", "log_every", "eval_batches", "keep_checkpoints", "grad_accum"):
-        value = config.get(name)
-        if not isinstance(value, int) or value <= 0:
+    for name in ("steps", "log_every", "eval_batches", "keep_checkpoints", "grad_accum",
+                 "data.batch_size", "data.seq_len", "nan_max_skips"):
+        value = _field(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise TrainConfigError(f"config.{name} must be a positive integer, got {value!r}")
     for name in ("checkpoint_every", "eval_every"):
         value = config.get(name)
@@ -98,6 +109,15 @@ def validate_config(config: ml_collections.ConfigDict, own_data: bool = False) -
             f"config.data.batch_size={config.data.batch_size} must be divisible by the "
             f"process count ({jax.process_count()}) x config.grad_accum ({config.grad_accum})")
     return cfg
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    if node is None and dotted == "nan_max_skips":  # configs written before the field existed
+        return NAN_MAX_SKIPS
+    return node
 
 
 def _validate_packed(data: ml_collections.ConfigDict, vocab_size: int) -> None:
@@ -333,9 +353,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None,
         _check_resumable(workdir, config)
         checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     async_save=config.async_checkpoint)
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            state, loader_state = checkpointer.restore(latest, abstract_state, state_sh)
+        restored = checkpointer.restore_latest(abstract_state, state_sh)
+        if restored is not None:
+            latest, state, loader_state = restored
             state = state.replace(frozen=frozen)
             log.info("resumed from %s at step %d", checkpointer.directory, latest)
     if state is None and abstract:
@@ -380,17 +400,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
           devices=None) -> dict[str, Any]:
     """Train until config.steps (or a stop signal); returns a summary of the run."""
     workdir = Path(workdir)
-    run = build(config, workdir, task, devices)
+    task = task or Task()
+    validate_config(config, own_data=task.make_loader is not None)  # before anything is written
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    writer = MetricsWriter(workdir, enabled=is_main)
+    lock = DirLock(workdir, what="--workdir") if is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        run = build(config, workdir, task, devices)
+        if is_main:
+            _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
+        return _train(run, workdir, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:
+    config = run.config
+    state, start = run.state, int(jax.device_get(run.state.step))
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
     tokens_per_step = run.task.tokens_per_step or config.data.batch_size * config.data.seq_len
     flops = flops_per_token(run.model, config.data.seq_len)
-    state, start = run.state, int(jax.device_get(run.state.step))
     pending: list[tuple[int, dict]] = []
     summary: dict[str, Any] = {"start_step": start, "skipped_steps": 0, "stopped_by": None}
+    max_skips = _field(config, "nan_max_skips")
+    skips_in_a_row = 0
     window_start, window_steps = None, 0
     bar = tqdm(total=config.steps, initial=start, disable=not is_main, desc=config.get("name", "train"),
                dynamic_ncols=True)
@@ -402,16 +443,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
 
     def flush_pending():
         """Fetch metrics of finished steps; apply the NaN policy before any save."""
-        nonlocal pending
+        nonlocal pending, skips_in_a_row
         fetched = [(s, jax.device_get(m)) for s, m in pending]
         pending = []
         bad = _first_nonfinite(fetched)
         if bad is not None and config.nan_policy == "stop":
             raise NonFiniteError(
-                f"step {bad}: non-finite loss or gradient norm; the update was not applied and "
-                f"no checkpoint was written after it. Lower config.optim.lr, enable "
+                f"step {bad}: non-finite loss, gradient norm or update; the update was not "
+                f"applied and no checkpoint was written after it. Lower config.optim.lr, enable "
                 f"config.z_loss, or set config.nan_policy='skip' to skip such steps")
-        summary["skipped_steps"] += sum(1 for _, m in fetched if not int(m["finite"]))
+        for step, m in fetched:
+            finite = int(m["finite"])
+            summary["skipped_steps"] += 1 - finite
+            skips_in_a_row = 0 if finite else skips_in_a_row + 1
+            if skips_in_a_row >= max_skips:
+                raise NonFiniteError(
+                    f"steps {step - skips_in_a_row + 1}-{step}: {skips_in_a_row} non-finite steps "
+                    f"in a row were skipped (config.nan_max_skips={max_skips}), "
+                    f"{summary['skipped_steps']} in all: the run is not learning. Lower "
+                    "config.optim.lr or enable config.z_loss; checkpoints before them are intact")
         return fetched
 
     with StopSignal() as stop:
@@ -473,6 +523,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
             writer.close()
             if run.checkpointer is not None:
                 run.checkpointer.close()
+    if summary["skipped_steps"]:
+        log.warning("%d of %d steps were skipped as non-finite (config.nan_policy='skip')",
+                    summary["skipped_steps"], int(jax.device_get(state.step)) - start)
     summary["step"] = int(jax.device_get(state.step))
     summary["params"] = state.params
     return summary

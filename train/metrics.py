@@ -57,18 +57,25 @@ def _jsonable(value: Any) -> Any:
 class MetricsWriter:
     """Appends `{"step": s, ...}` lines to metrics.jsonl and scalars to TensorBoard (tb/).
 
-    Only process 0 writes; other processes get a writer that does nothing."""
+    `resume_step`: the step the run restarts from. Records after it (written before a crash
+    and about to be replayed) are cut from metrics.jsonl, and TensorBoard purges them, so each
+    step appears once. Only process 0 writes; other processes get a writer that does nothing."""
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if enabled:
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+            path = workdir / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                truncate_metrics(path, resume_step)
+            self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tb"))
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=(
+                None if resume_step is None else resume_step + 1))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -88,6 +95,30 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:
+    """Keep the records of metrics.jsonl up to `last_step` (and none torn by a kill); returns
+    how many were cut. Rewritten through a temporary file: a crash leaves the old or the new."""
+    path = Path(path)
+    kept, cut = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                cut += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and record["step"] > last_step:
+                cut += 1
+                continue
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if cut:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, path)
+    return cut
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

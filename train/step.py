@@ -92,13 +92,23 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict, rng, n: int, me
     return loss / total, aux, grads
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (one fused reduction)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def apply_gradients(optimizer: optax.GradientTransformation, params, opt_state, loss, grads):
-    """One optimizer update -> (params, opt_state, grad_norm, finite); when the loss or the
-    gradient norm is not finite the update is not applied (params and opt_state unchanged)."""
+    """One optimizer update -> (params, opt_state, grad_norm, finite); when the loss, the
+    gradient norm, or any updated parameter or optimizer-state entry is not finite, the update
+    is not applied (params and opt_state unchanged), so a finite state stays finite and no
+    checkpoint can hold NaN (e.g. eps=0 turns finite gradients into NaN updates)."""
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+              & all_finite(new_opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, finite
 
@@ -108,8 +118,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     grad_accum: int = 1, donate: bool = True):
     """The pure, jitted `train_step(state, batch) -> (state, metrics)`.
 
-    A step whose loss or gradient norm is not finite leaves params and optimizer state
-    unchanged (metrics["finite"] = 0); the loop decides whether to stop or go on.
+    A step whose loss, gradient norm or updated state is not finite leaves params and optimizer
+    state unchanged (metrics["finite"] = 0); the loop decides whether to stop or go on.
     """
     def train_step(state: TrainState, batch: dict):
         with sharding_context(mesh, rules):
