@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import re
 import signal
 import sys
 
@@ -68,24 +69,38 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(130)
         return 130
-    except OSError as e:
+    except Exception as e:
         full = _disk_full(e)
         if full is None:
             raise
         print(f"hibari {name}: error: {full}", file=sys.stderr)
+        if as_program:  # background writers (orbax) would print tracebacks at teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     return int(result or 0)
 
 
 def _disk_full(error: BaseException) -> str | None:
     """The one-line message for a write that failed for lack of space (None: another error)."""
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            where = f" writing {error.filename}" if error.filename else ""
-            return (f"{os.strerror(error.errno).lower()}{where}: free space (or raise the quota) "
-                    "and rerun the same command; finished files and checkpoints are intact")
+        code, where = None, ""
+        if isinstance(error, OSError) and error.errno in codes:
+            code, where = error.errno, error.filename or ""
+        else:  # tensorstore (orbax) reports failed writes as ValueError text
+            match = re.search(r"os_error_code='(\d+)'", str(error))
+            if match and int(match.group(1)) in codes:
+                code = int(match.group(1))
+                found = re.search(r'Failed writing: "([^"]+)"', str(error))
+                where = found.group(1) if found else ""
+        if code is not None:
+            return (f"{os.strerror(code).lower()}{f' writing {where}' if where else ''}: free "
+                    "space (or raise the quota) and rerun the same command; finished files and "
+                    "checkpoints are intact")
         error = error.__cause__ or error.__context__
     return None
 
