@@ -410,6 +410,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
         run = build(config, workdir, task, devices)
         if is_main:
             _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
+            from hibari.data.tokenizer import write_tokenizer_record
+            write_tokenizer_record(config, workdir)  # eval/sft/dpo refuse another tokenizer
         return _train(run, workdir, is_main)
     finally:
         if lock is not None:
