@@ -8,7 +8,11 @@
     hibari data tokenizer report --model tok.model --input heldout.jsonl.gz
     hibari data pack      --source en='en/*.jsonl.gz' --source ja=ja.jsonl.gz --tokenizer tok.model --out DIR --seq-len 1024
     hibari data pipeline  --input 'corpus/*.jsonl.gz' --out DIR [--vocab-size 8000] [--seq-len 1024]
-    hibari data prepare   --config configs/data/quickstart.py:runs/data/quickstart
+    hibari data prepare   --config configs/data/quickstart.py:runs/data/quickstart [--resume-only]
+
+pipeline / prepare into an existing folder reuse each stage whose recorded fingerprint (inputs
+and settings) still matches and redo the others with everything after them; --resume-only fails
+instead, naming the stage and what changed. One run at a time per output folder (a lock).
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ def _report_bad(stats: SourceStats):
 def cmd_clean(a):
     from hibari.data.clean import clean_docs
     stats = SourceStats()
-    n = write_jsonl(a.output, clean_docs(read_docs(a.input, a.text_field, stats=stats, strict=a.strict), a.html))
+    docs = read_docs(a.input, a.text_field, stats=stats, strict=a.strict, nonempty=True)
+    n = write_jsonl(a.output, clean_docs(docs, a.html))
     _report_bad(stats)
     print(json.dumps({"docs_in": stats.docs, "docs_out": n, "bad_records": stats.bad}))
 
@@ -62,7 +67,7 @@ def cmd_filter(a):
     from hibari.data.filters import FilterStats, default_filters, filter_docs
     words = [w.strip() for w in open(a.wordlist, encoding="utf-8") if w.strip()] if a.wordlist else []
     stats, fstats = SourceStats(), FilterStats()
-    docs = read_docs(a.input, a.text_field, stats=stats, strict=a.strict)
+    docs = read_docs(a.input, a.text_field, stats=stats, strict=a.strict, nonempty=True)
     write_jsonl(a.output, filter_docs(docs, default_filters(a.languages.split(","), words), fstats))
     _report_bad(stats)
     report = json.dumps(fstats.report(), indent=1, ensure_ascii=False)
@@ -74,22 +79,27 @@ def cmd_filter(a):
 def cmd_dedup(a):
     from hibari.data.dedup import dedup_files
     result = dedup_files(a.input, a.output, _dedup_config(a), processes=a.processes, text_field=a.text_field,
-                         exact=not a.no_exact)
+                         exact=not a.no_exact, nonempty=True)
     print(json.dumps(result, indent=1))
 
 
 def cmd_tokenizer(a):
+    from hibari.data.pipeline import sentencepiece_message
     from hibari.data.tokenizer import (
         expand_tokenizer,
         load_tokenizer,
         tokenizer_report,
         train_tokenizer,
     )
-    docs = read_docs(a.input, a.text_field, strict=a.strict)
+    docs = read_docs(a.input, a.text_field, strict=a.strict, nonempty=True)
     if a.action == "train":
-        sp = train_tokenizer(docs, a.model, vocab_size=a.vocab_size, model_type=a.model_type,
-                             byte_fallback=not a.no_byte_fallback, character_coverage=a.character_coverage,
-                             num_threads=a.threads)
+        try:
+            sp = train_tokenizer(docs, a.model, vocab_size=a.vocab_size, model_type=a.model_type,
+                                 byte_fallback=not a.no_byte_fallback, character_coverage=a.character_coverage,
+                                 num_threads=a.threads)
+        except RuntimeError as e:
+            raise UsageError(f"--vocab-size {a.vocab_size} on {' '.join(a.input)}: SentencePiece says "
+                             f"\"{sentencepiece_message(e)}\"") from None
         print(json.dumps({"model": a.model, "vocab_size": sp.get_piece_size()}))
     elif a.action == "expand":
         if not a.base:
@@ -115,10 +125,19 @@ def cmd_pack(a):
         name, sep, pattern = spec.partition("=")
         if not sep:
             raise UsageError(f"--source {spec!r}: write NAME=GLOB, e.g. --source ja='ja/*.jsonl.gz'")
-        sources[name] = read_docs(pattern, a.text_field, strict=a.strict)
+        sources[name] = read_docs(pattern, a.text_field, strict=a.strict, nonempty=True)
     manifest = pack_corpus(sources, a.tokenizer, a.out, a.seq_len, a.method, a.rows_per_shard)
     print(json.dumps({n: {k: v for k, v in e.items() if k != "shards"} for n, e in manifest["sources"].items()},
                      indent=1))
+
+
+def _reuse_args(p: argparse.ArgumentParser):
+    p.add_argument("--resume-only", action="store_true",
+                   help="only finish or reuse earlier outputs: fail, naming the stage and the difference, "
+                        "where an output was made from other inputs or settings (default: redo it)")
+    p.add_argument("--fingerprint", choices=("stat", "content"), default=None,
+                   help="how input files are recognised as unchanged: stat = path + size + mtime (default, "
+                        "no read), content = + a hash of the bytes (reads every input on every run)")
 
 
 def _run_prepare(cfg):
@@ -131,7 +150,8 @@ def cmd_pipeline(a):
     _run_prepare(PrepareConfig(inputs=a.input, out=a.out, text_field=a.text_field, html=a.html, strict=a.strict,
                                languages=tuple(a.languages.split(",")), wordlist=a.wordlist,
                                dedup=_dedup_config(a), processes=a.processes, tokenizer_vocab_size=a.vocab_size,
-                               seq_len=a.seq_len, pack_method=a.method))
+                               seq_len=a.seq_len, pack_method=a.method, resume_only=a.resume_only,
+                               input_fingerprint=a.fingerprint or "stat"))
 
 
 def load_prepare_config(spec: str, strict: bool = False):
@@ -159,8 +179,11 @@ def prepare_config_from_args(a):
     import dataclasses
     cfg = load_prepare_config(a.config, a.strict)
     changes = {k: v for k, v in (("tokenizer_vocab_size", a.vocab_size), ("seq_len", a.seq_len),
-                                 ("tokenizer_character_coverage", a.character_coverage))
+                                 ("tokenizer_character_coverage", a.character_coverage),
+                                 ("input_fingerprint", getattr(a, "fingerprint", None)))
                if v is not None}
+    if getattr(a, "resume_only", False):
+        changes["resume_only"] = True
     return dataclasses.replace(cfg, **changes)
 
 
@@ -234,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="also train a tokenizer of this size")
     p.add_argument("--seq-len", type=int, help="also pack (needs --vocab-size)")
     p.add_argument("--method", choices=("greedy", "best_fit"), default="greedy")
+    _reuse_args(p)
     p.set_defaults(fn=cmd_pipeline)
 
     p = sub.add_parser("prepare", help="the pipeline from a config file (get_config())")
@@ -244,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="override the config's seq_len")
     p.add_argument("--character-coverage", type=float,
                    help="override the config's tokenizer_character_coverage")
+    _reuse_args(p)
     p.set_defaults(fn=cmd_prepare)
     return parser
 

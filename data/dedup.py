@@ -266,28 +266,52 @@ def near_dedup_docs(docs: Iterable[Doc], config: NearDedupConfig = NearDedupConf
 
 # ------------------------------------------------------------------ files, in parallel
 def _signature_shard(args) -> tuple[str, int]:
-    path, out_prefix, cfg, text_field = args
-    if os.path.exists(out_prefix + ".npy"):  # finished by an earlier, interrupted run
-        return out_prefix, len(np.load(out_prefix + ".npy", mmap_mode="r"))
+    path, out_prefix, cfg, text_field, key, nonempty = args
+    done = out_prefix + ".done.json"
+    if os.path.exists(done) and os.path.exists(out_prefix + ".npy"):  # finished by an earlier run
+        with open(done) as f:
+            record = json.load(f)
+        if record.get("key") == key:
+            return out_prefix, record["docs"]
     hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.unit, cfg.seed)
     ids, sigs = [], []
-    for doc in read_docs(path, text_field=text_field, stats=SourceStats()):
+    for doc in read_docs(path, text_field=text_field, stats=SourceStats(), nonempty=nonempty):
         ids.append(doc["id"])
         sigs.append(hasher.signature(doc["text"]))
     sigs = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32)
-    with open(out_prefix + ".ids.json", "w") as f:
-        json.dump(ids, f)
+    _write_json(out_prefix + ".ids.json", ids)
     np.save(out_prefix + ".tmp.npy", sigs)
-    os.replace(out_prefix + ".tmp.npy", out_prefix + ".npy")  # the .npy marks the shard done
+    os.replace(out_prefix + ".tmp.npy", out_prefix + ".npy")
+    _write_json(done, {"key": key, "docs": len(ids)})  # written last: marks the shard done
     return out_prefix, len(ids)
 
 
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def file_key(path: str) -> str:
+    """What identifies a file's version cheaply: its absolute path, size and mtime (ns)."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def compute_signatures(paths: list[str], work_dir: str, config: NearDedupConfig,
-                       processes: int = 1, text_field: str = "text") -> list[str]:
-    """One signature file per input shard (`work_dir/sig-00000.npy` + `.ids.json`)."""
+                       processes: int = 1, text_field: str = "text", keys: list[str] | None = None,
+                       nonempty: bool = False) -> list[str]:
+    """One signature file per input shard (`work_dir/sig-00000.npy` + `.ids.json` + `.done.json`).
+
+    A shard is reused only when its `.done.json` records the same key: the input's `keys[i]`
+    (default: `file_key`, path + size + mtime) and the MinHash parameters."""
     from tqdm import tqdm
     os.makedirs(work_dir, exist_ok=True)
-    jobs = [(p, os.path.join(work_dir, f"sig-{i:05d}"), config, text_field) for i, p in enumerate(paths)]
+    keys = keys if keys is not None else [file_key(p) for p in paths]
+    params = json.dumps({"num_perm": config.num_perm, "ngram": config.ngram, "unit": config.unit,
+                         "seed": config.seed, "text_field": text_field}, sort_keys=True)
+    jobs = [(p, os.path.join(work_dir, f"sig-{i:05d}"), config, text_field, f"{k} {params}", nonempty)
+            for i, (p, k) in enumerate(zip(paths, keys))]
     if processes > 1 and len(jobs) > 1:
         with get_context("spawn").Pool(processes) as pool:
             done = list(tqdm(pool.imap(_signature_shard, jobs), total=len(jobs), desc="minhash", unit="shard"))
@@ -297,13 +321,19 @@ def compute_signatures(paths: list[str], work_dir: str, config: NearDedupConfig,
 
 
 def dedup_files(inputs, output: str, config: NearDedupConfig = NearDedupConfig(), work_dir: str | None = None,
-                processes: int = 1, text_field: str = "text", exact: bool = True) -> dict:
+                processes: int = 1, text_field: str = "text", exact: bool = True,
+                input_keys: list[str] | None = None, nonempty: bool = False) -> dict:
     """Near-dedup JSONL/text/parquet shards into one JSONL `output` (other fields preserved) and
-    `output + ".removed.jsonl"` with `{"id", "kept_id", "reason"}` per removed document."""
+    `output + ".removed.jsonl"` with `{"id", "kept_id", "reason"}` per removed document; both
+    are written under temporary names and renamed when complete.
+
+    Signature shards in `work_dir` are reused while their input is unchanged: `input_keys[i]`
+    names input i's version (default: path + size + mtime). `nonempty`: an input file without
+    a usable document is an error naming it."""
     paths = expand_paths(inputs)
     work_dir = work_dir or output + ".work"
     config = config.resolved()
-    prefixes = compute_signatures(paths, work_dir, config, processes, text_field)
+    prefixes = compute_signatures(paths, work_dir, config, processes, text_field, input_keys, nonempty)
     sigs = np.concatenate([np.load(p + ".npy") for p in prefixes])
     ids = [i for p in prefixes for i in json.load(open(p + ".ids.json"))]
     removed = near_duplicates(sigs, config)
@@ -327,8 +357,14 @@ def dedup_files(inputs, output: str, config: NearDedupConfig = NearDedupConfig()
             log.write(json.dumps({"id": doc["id"], "kept_id": kept_id, "reason": reason},
                                  ensure_ascii=False) + "\n")
 
-    with open(output + ".removed.jsonl", "w", encoding="utf-8") as log:
-        kept = write_jsonl(output, kept_docs(log))
+    removed_log = output + ".removed.jsonl"
+    try:
+        with open(removed_log + ".tmp", "w", encoding="utf-8") as log:
+            kept = write_jsonl(output, kept_docs(log))  # atomic: a temporary name, then renamed
+    except BaseException:
+        os.remove(removed_log + ".tmp")
+        raise
+    os.replace(removed_log + ".tmp", removed_log)
     return {"docs_in": stats.docs_in, "docs_out": kept, "near_removed": stats.near_removed,
             "exact_removed": stats.exact_removed, "near_clusters": clusters,
             "bytes_per_doc_signatures": int(sigs.itemsize * sigs.shape[1]),

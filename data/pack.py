@@ -10,7 +10,8 @@ Each document becomes `[bos] + ids + [eos]`. Segment ids number the documents of
 
 Shards: `<source>-00000.npy` int32 `[rows, 2, seq_len]` (tokens, segment_ids), written to a
 temporary name and renamed, plus `manifest.json` (token counts per source, rows, seq_len,
-tokenizer path and sha256) written last.
+tokenizer path and sha256) written last. Repacking a packed directory stages the new shards and
+swaps them in together (`pack_corpus`).
 """
 from __future__ import annotations
 
@@ -142,48 +143,139 @@ def write_shards(rows: Iterable[Row], out_dir: str, source: str, rows_per_shard:
     return shards
 
 
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, obj, indent=None) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
+def _finished(directory: str, name: str, key: dict) -> dict | None:
+    """The `<name>.done.json` entry in `directory` when it matches `key` and its shards exist."""
+    entry = _read_json(os.path.join(directory, f"{name}.done.json"))
+    if not entry or any(entry.get(k) != v for k, v in key.items()):
+        return None
+    if not all(os.path.exists(os.path.join(directory, s["path"])) for s in entry.get("shards", [])):
+        return None
+    return entry
+
+
+def _finish_swap(out_dir: str) -> None:
+    """Complete a swap journaled in `manifest.json.pending` (see pack_corpus): move the staged
+    shards and done files into place, write the manifest, drop what the old manifest alone used."""
+    pending_path = os.path.join(out_dir, "manifest.json.pending")
+    pending = _read_json(pending_path)
+    if pending is None:
+        return
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path):  # the old manifest names shards about to be replaced
+        os.remove(manifest_path)
+    for src, dst in pending["moves"]:
+        if os.path.exists(os.path.join(out_dir, src)):
+            os.replace(os.path.join(out_dir, src), os.path.join(out_dir, dst))
+    _write_json(manifest_path, pending["manifest"], indent=1)
+    _drop(out_dir, pending["obsolete"])
+    os.remove(pending_path)
+
+
+def _drop(out_dir: str, names) -> None:
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    staging = os.path.join(out_dir, STAGING)
+    if os.path.isdir(staging):
+        for name in os.listdir(staging):
+            os.remove(os.path.join(staging, name))
+        os.rmdir(staging)
+
+
+STAGING = ".next"  # changed sources of an already packed directory are packed here first
+
+
 def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir: str, seq_len: int,
                 method: str = "greedy", rows_per_shard: int = 4096, buffer_size: int = 1024,
-                split: str = "") -> dict:
+                split: str = "", fingerprint: dict | None = None, status: dict | None = None) -> dict:
     """Pack every source into its own shards and write `out_dir/manifest.json`.
 
     `split` names which documents these are (e.g. the held-out rule); it is recorded in the manifest.
-    A source whose `<source>.done.json` matches seq_len, tokenizer and split is not redone (an
-    interrupted run resumes)."""
+    `fingerprint` (a caller's record of what shaped the documents, e.g. data.pipeline's stage
+    fingerprint) is recorded too. A source whose `<source>.done.json` matches seq_len, method,
+    tokenizer, split and fingerprint is not redone (an interrupted run resumes); `status`, when
+    given, receives `{source: "reused" | "packed"}`.
+
+    Replacing a packed directory never leaves its manifest naming a mix of old and new shards:
+    when `out_dir` already has a manifest, changed sources are packed into `out_dir/.next/` and
+    moved into place only once every source is done, the swap journaled in
+    `manifest.json.pending` (the old manifest is removed first, so a reader sees either a
+    complete manifest or none; an interrupted swap completes on the next call). Shards that only
+    the old manifest named are deleted after the new manifest is written."""
     from tqdm import tqdm
 
     from hibari.data.tokenizer import file_sha256, load_tokenizer
     sp = load_tokenizer(tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
+    _finish_swap(out_dir)
     manifest = {"version": 1, "seq_len": seq_len, "method": method, "split": split,
                 "tokenizer": {"path": os.path.abspath(tokenizer_path), "sha256": file_sha256(tokenizer_path),
                               "vocab_size": sp.get_piece_size(), "pad_id": sp.pad_id(),
                               "bos_id": sp.bos_id(), "eos_id": sp.eos_id()},
-                "sources": {}}
+                "fingerprint": fingerprint, "sources": {}}
+    key = {"seq_len": seq_len, "method": method, "split": split,
+           "tokenizer_sha256": manifest["tokenizer"]["sha256"], "fingerprint": fingerprint}
+    old = _read_json(os.path.join(out_dir, "manifest.json"))
+    staging = os.path.join(out_dir, STAGING) if old is not None else None
+    old_files = {s["path"] for e in (old or {}).get("sources", {}).values() for s in e.get("shards", [])}
+    old_files |= {f"{n}.done.json" for n in (old or {}).get("sources", {})}
+    staged: list[str] = []
     for name, docs in sources.items():
-        done = os.path.join(out_dir, f"{name}.done.json")
-        if os.path.exists(done):
-            with open(done) as f:
-                entry = json.load(f)
-            if (entry["seq_len"], entry["tokenizer_sha256"], entry.get("split", "")) == (
-                    seq_len, manifest["tokenizer"]["sha256"], split):
-                manifest["sources"][name] = entry
-                continue
+        entry = _finished(out_dir, name, key)
+        if entry is None and staging and (entry := _finished(staging, name, key)) is not None:
+            staged.append(name)
+        if entry is not None:
+            manifest["sources"][name] = entry
+            if status is not None:
+                status[name] = "reused"
+            continue
+        target = staging or out_dir
+        os.makedirs(target, exist_ok=True)
+        done = os.path.join(target, f"{name}.done.json")
+        stale = _read_json(done)
+        if stale is not None:  # its shards are about to be overwritten: drop the marker first
+            os.remove(done)
+            if target == out_dir:
+                old_files |= {s["path"] for s in stale.get("shards", [])}
         counts = {"docs": 0, "chars": 0, "tokens": 0}
         token_docs = tokenize_docs(tqdm(docs, desc=f"pack {name}", unit="doc"), sp, counts=counts)
         rows = pack_rows(token_docs, seq_len, method, pad_id=max(sp.pad_id(), 0), buffer_size=buffer_size)
-        shards = write_shards(rows, out_dir, name, rows_per_shard)
+        shards = write_shards(rows, target, name, rows_per_shard)
         n_rows = sum(s["rows"] for s in shards)
         entry = {**counts, "rows": n_rows, "padding": n_rows * seq_len - counts["tokens"],
                  "chars_per_token": round(counts["chars"] / max(1, counts["tokens"] - 2 * counts["docs"]), 4),
-                 "shards": shards, "seq_len": seq_len, "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-                 "split": split}
-        with open(done + ".tmp", "w") as f:
-            json.dump(entry, f)
-        os.replace(done + ".tmp", done)
+                 "shards": shards, **key}
+        _write_json(done, entry)
         manifest["sources"][name] = entry
-    tmp = os.path.join(out_dir, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+        if staging:
+            staged.append(name)
+        if status is not None:
+            status[name] = "packed"
+    new_files = {s["path"] for e in manifest["sources"].values() for s in e["shards"]}
+    new_files |= {f"{n}.done.json" for n in manifest["sources"]}
+    obsolete = sorted(old_files - new_files)
+    if staged:
+        moves = [(os.path.join(STAGING, f), f) for n in staged
+                 for f in [s["path"] for s in manifest["sources"][n]["shards"]] + [f"{n}.done.json"]]
+        _write_json(os.path.join(out_dir, "manifest.json.pending"),
+                    {"manifest": manifest, "moves": moves, "obsolete": obsolete})
+        _finish_swap(out_dir)
+    else:
+        _write_json(os.path.join(out_dir, "manifest.json"), manifest, indent=1)
+        _drop(out_dir, obsolete)
     return manifest

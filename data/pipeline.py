@@ -6,20 +6,46 @@ and `packed-heldout/` (held-out documents), and `report.json` + `summary.txt`.
 
 One document in `heldout_every` (by crc32 of its id, so the split is stable across runs and inputs)
 is held out: the tokenizer is trained without it, its report is measured on it, and it is packed
-only into `packed-heldout/`, never into the training rows. Finished shards are not redone when a
-run restarts: each output is written under a temporary name and renamed only when complete.
+only into `packed-heldout/`, never into the training rows.
+
+Stages keyed by content. Each stage's output records a fingerprint of what shaped it (beside it:
+`<shard>.stats.json`, `corpus.jsonl.gz.stage.json`, `tokenizer.model.stage.json`, the packed
+`manifest.json`), and the fingerprints chain:
+
+    filter shard i   input file i (path + size + mtime_ns, or a content hash) + text_field, html,
+                     languages, word list content
+    dedup / corpus   every filter shard's fingerprint + the dedup config
+    tokenizer        corpus + vocab size, model type, character coverage, heldout_every
+    pack (per dir)   tokenizer + corpus + seq_len, method, source_field, heldout_every
+
+each with its stage's version (`STAGE_VERSIONS`, raised when a stage's code changes its output).
+A stage whose fingerprint matches (and whose output is the file it wrote) is reused; one that
+differs is redone, and with it everything downstream; `resume_only=True` fails instead, naming
+the stage, the output and the difference. Outputs are replaced atomically (a temporary name,
+then a rename; packed directories swap in whole, see data.pack), so an interrupted run loses
+nothing and a restart redoes no finished shard. The whole run holds an exclusive lock on `out/`.
+`report.json["stages"]` records every fingerprint and whether the stage was reused, new or rerun.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 
+from hibari.base.errors import UsageError, UserError
+from hibari.base.runlock import DirLock
 from hibari.data.clean import clean_docs
 from hibari.data.dedup import NearDedupConfig, dedup_files
 from hibari.data.filters import FilterStats, default_filters, filter_docs
-from hibari.data.sources import SourceStats, expand_paths, read_docs, write_jsonl
+from hibari.data.sources import BadInput, SourceStats, expand_paths, read_docs, write_jsonl
+
+# Raise a stage's version when its code changes what it writes: outputs of the old code are redone.
+STAGE_VERSIONS = {"filter": 1, "dedup": 1, "tokenizer": 1, "pack": 1}
+FINGERPRINT_MODES = ("stat", "content")
 
 
 @dataclass
@@ -40,20 +66,194 @@ class PrepareConfig:
     pack_method: str = "greedy"
     source_field: str = "lang"           # meta field that names a document's source for packing
     heldout_every: int = 20              # hold out documents with crc32(id) % heldout_every == 0
+    resume_only: bool = False            # a stage whose recorded inputs differ is an error, not redone
+    input_fingerprint: str = "stat"      # "stat": path + size + mtime_ns; "content": + blake2b of the bytes
 
 
-def _filter_shard(path: str, out_path: str, cfg: PrepareConfig, words: list[str]) -> dict:
-    stats_path = out_path + ".stats.json"
-    if os.path.exists(out_path) and os.path.exists(stats_path):
-        with open(stats_path) as f:
-            return json.load(f)
+class PrepareError(UserError, ValueError):
+    """Input or settings that `prepare` cannot use; the message names the file or field."""
+
+
+class StageChanged(PrepareError):
+    """`resume_only` and a stage's output was made from other inputs or settings."""
+
+
+# ------------------------------------------------------------------ fingerprints
+def file_fingerprint(path: str, mode: str = "stat") -> dict:
+    """What identifies an input file's version: absolute path, size and mtime_ns, and with
+    mode "content" a blake2b hash of the bytes too (a full read)."""
+    st = os.stat(path)
+    fp = {"abspath": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if mode == "content":
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        fp["blake2b"] = h.hexdigest()
+    return fp
+
+
+def same_file(old: dict, new: dict, mode: str) -> bool:
+    """Is the input `new` the version recorded as `old`? Path and size must agree; then, in
+    "content" mode, the hash (a touched but unchanged file is the same), or the mtime where the
+    record has no hash; in "stat" mode the mtime."""
+    if old.get("abspath") != new["abspath"] or old.get("size") != new["size"]:
+        return False
+    if mode == "content" and "blake2b" in old:
+        return old["blake2b"] == new["blake2b"]
+    return old.get("mtime_ns") == new["mtime_ns"]
+
+
+def same_fingerprint(old: dict | None, new: dict, mode: str) -> bool:
+    """`new` (planned) matches the recorded `old`: the same digest, or the same stage, version,
+    settings and upstream outputs with inputs that `same_file` accepts (a change of
+    fingerprint mode, or a touched file in "content" mode, redoes nothing)."""
+    if not isinstance(old, dict) or "digest" not in old:
+        return False
+    if old["digest"] == new["digest"]:
+        return True
+    oi = old.get("inputs") or {}
+    return (all(old.get(k) == new[k] for k in ("stage", "version", "params", "upstream"))
+            and oi.keys() == new["inputs"].keys()
+            and all(isinstance(oi[p], dict) and same_file(oi[p], f, mode) for p, f in new["inputs"].items()))
+
+
+def output_stat(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def stage_fingerprint(stage: str, inputs: dict | None = None, params: dict | None = None,
+                      upstream: dict | None = None) -> dict:
+    """{stage, version, inputs: {path: file fingerprint}, params, upstream: {stage: digest},
+    digest}: the digest (sha256 of the rest) is what downstream stages chain on."""
+    fp = {"stage": stage, "version": STAGE_VERSIONS[stage], "inputs": inputs or {},
+          "params": params or {}, "upstream": upstream or {}}
+    fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return fp
+
+
+def _when(ns) -> str:
+    if not isinstance(ns, int):
+        return str(ns)
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(timespec="milliseconds")
+
+
+def _file_change(old: dict, new: dict) -> str:
+    if old.get("size") != new.get("size"):
+        return f"size {old.get('size')} -> {new.get('size')}"
+    if "blake2b" in new and "blake2b" in old and old["blake2b"] != new["blake2b"]:
+        return f"content blake2b {old['blake2b'][:12]} -> {new['blake2b'][:12]}"
+    if old.get("abspath") != new.get("abspath"):
+        return f"now at {new.get('abspath')} (was {old.get('abspath')})"
+    if old.get("mtime_ns") != new.get("mtime_ns"):
+        return f"modified: mtime {_when(old.get('mtime_ns'))} -> {_when(new.get('mtime_ns'))}"
+    return "fingerprint differs"
+
+
+def _value(v) -> str:
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list, tuple)) or v is None else str(v)
+
+
+def describe_change(old: dict | None, new: dict) -> str:
+    """Why `new` differs from the recorded fingerprint `old`, e.g. "input raw/a.jsonl changed
+    (size 1200 -> 1180)" or "tokenizer_vocab_size 1000 -> 600"."""
+    if not isinstance(old, dict) or "digest" not in old:
+        return "no fingerprint recorded (written by an older hibari or another command)"
+    parts = []
+    if old.get("version") != new["version"]:
+        parts.append(f"{new['stage']} stage version {old.get('version')} -> {new['version']} (the code changed)")
+    oi, ni = old.get("inputs", {}), new["inputs"]
+    for path in ni:
+        if path not in oi:
+            gone = [p for p in oi if p not in ni]
+            parts.append(f"input {path} is new" + (f" (was {', '.join(gone)})" if gone else ""))
+        elif isinstance(oi[path], dict) and oi[path] != ni[path]:
+            parts.append(f"input {path} changed ({_file_change(oi[path], ni[path])})")
+    if not any(p not in oi for p in ni):
+        parts += [f"input {p} is gone" for p in oi if p not in ni]
+    op, np_ = old.get("params", {}), new["params"]
+    parts += [f"{k} {_value(op.get(k))} -> {_value(np_.get(k))}"
+              for k in sorted(set(op) | set(np_)) if op.get(k) != np_.get(k)]
+    ou, nu = old.get("upstream", {}), new["upstream"]
+    changed = [k for k in sorted(set(ou) | set(nu)) if ou.get(k) != nu.get(k)]
+    if changed and len(changed) <= 3:
+        parts += [f"{k} changed (fingerprint {ou.get(k)} -> {nu.get(k)})" for k in changed]
+    elif changed:
+        parts.append(f"{len(changed)} upstream outputs changed (e.g. {changed[0]})")
+    return "; ".join(parts) or f"fingerprint {old.get('digest')} -> {new['digest']}"
+
+
+@dataclass
+class Step:
+    """One stage output: where it is, the fingerprint it needs, and what is there now."""
+    stage: str                  # filter / dedup / tokenizer / pack / pack_heldout
+    output: str                 # the output path (a directory for pack)
+    fingerprint: dict
+    status: str = "new"         # new (nothing there) / reused / rerun
+    why: str = ""
+    sources: dict | None = None  # pack: {source: "reused" | "packed"}
+    refresh: bool = False       # reused, but its record's input stat is updated (content mode)
+
+    def record(self, out: str) -> dict:
+        entry = {"output": os.path.relpath(self.output, out), "status": self.status}
+        entry.update({k: v for k, v in (("why", self.why), ("sources", self.sources)) if v})
+        return {**entry, "fingerprint": self.fingerprint}
+
+
+def _decide(step: Step, recorded: dict | None, exists: bool, out_changed: str, cfg: PrepareConfig) -> None:
+    """Set step.status; with resume_only a recorded fingerprint that differs is an error."""
+    if not exists:
+        step.status = "new"
+        return
+    same = same_fingerprint(recorded, step.fingerprint, cfg.input_fingerprint)
+    if same and not out_changed:
+        step.status = "reused"
+        if recorded["digest"] != step.fingerprint["digest"]:  # keep the recorded version's digest
+            inputs = step.fingerprint["inputs"] if cfg.input_fingerprint == "content" else recorded["inputs"]
+            step.refresh = inputs != recorded["inputs"]
+            step.fingerprint = {**recorded, "inputs": inputs}
+        return
+    step.status = "rerun"
+    step.why = out_changed if same else describe_change(recorded, step.fingerprint)
+    if cfg.resume_only:
+        raise StageChanged(f"--resume-only: the {step.stage} stage's output {step.output} was made from other "
+                           f"inputs or settings: {step.why}; rerun without --resume-only to redo it and the "
+                           "stages after it")
+
+
+def _sidecar(output: str, sidecar: str) -> tuple[dict | None, bool, str]:
+    """(recorded fingerprint, output exists, why the output itself changed) from a sidecar
+    `{"fingerprint", "output": stat}` written after `output`."""
+    if not (os.path.exists(output) and os.path.exists(sidecar)):
+        return None, False, ""
+    try:
+        with open(sidecar) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, True, ""
+    was = record.get("output")
+    changed = ""
+    if was and was != output_stat(output):
+        changed = (f"{os.path.basename(output)} was modified after this stage wrote it "
+                   f"({_file_change(was, output_stat(output))})")
+    return record.get("fingerprint"), True, changed
+
+
+def _write_sidecar(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, ensure_ascii=False, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------ stages
+def _filter_shard(path: str, out_path: str, cfg: PrepareConfig, words: list[str], fingerprint: dict) -> dict:
     src, flt = SourceStats(), FilterStats()
-    docs = read_docs(path, text_field=cfg.text_field, stats=src, strict=cfg.strict)
+    docs = read_docs(path, text_field=cfg.text_field, stats=src, strict=cfg.strict, nonempty=True)
     write_jsonl(out_path, filter_docs(clean_docs(docs, cfg.html), default_filters(cfg.languages, words), flt))
-    stats = {"input": path, "read": asdict(src), "filter": flt.report()}
-    with open(stats_path + ".tmp", "w") as f:
-        json.dump(stats, f, ensure_ascii=False)
-    os.replace(stats_path + ".tmp", stats_path)
+    stats = {"input": path, "read": asdict(src), "filter": flt.report(), "fingerprint": fingerprint,
+             "output": output_stat(out_path)}
+    _write_sidecar(out_path + ".stats.json", stats)
     return stats
 
 
@@ -73,7 +273,7 @@ def _docs_of_source(path: str, source_field: str, name: str, every: int, heldout
 SPLITS = ((False, "pack", "packed"), (True, "pack_heldout", "packed-heldout"))  # (held out, report key, dir)
 
 
-def _pack_splits(cfg: PrepareConfig, corpus: str) -> dict:
+def _pack_splits(cfg: PrepareConfig, corpus: str, steps: dict[str, Step]) -> dict:
     """Pack training documents into `out/packed/` and held-out ones into `out/packed-heldout/`
     (same tokenizer and seq_len). Returns report entries: per-source counts under "pack" and
     "pack_heldout", the two directories under "packed_dirs"."""
@@ -85,63 +285,197 @@ def _pack_splits(cfg: PrepareConfig, corpus: str) -> dict:
     report: dict = {"packed_dirs": {}}
     for heldout, key, sub in SPLITS:
         if not names[heldout]:
+            steps.pop(key, None)
             continue  # a corpus too small to hold anything out
         sources = {n: _docs_of_source(corpus, cfg.source_field, n, cfg.heldout_every, heldout)
                    for n in sorted(names[heldout])}
         split = f"crc32(id) % {cfg.heldout_every} {'==' if heldout else '!='} 0"
         out_dir = os.path.join(cfg.out, sub)
-        manifest = pack_corpus(sources, model, out_dir, cfg.seq_len, cfg.pack_method, split=split)
-        report[key] = {n: {k: v for k, v in e.items() if k != "shards"} for n, e in manifest["sources"].items()}
+        status: dict[str, str] = {}
+        manifest = pack_corpus(sources, model, out_dir, cfg.seq_len, cfg.pack_method, split=split,
+                               fingerprint=steps[key].fingerprint, status=status)
+        if steps[key].status == "reused" and any(v != "reused" for v in status.values()):
+            steps[key].status, steps[key].why = "rerun", ("sources repacked: shards were missing or made with "
+                                                          "another tokenizer file")
+        steps[key].sources = status
+        report[key] = {n: {k: v for k, v in e.items() if k not in ("shards", "fingerprint")}
+                       for n, e in manifest["sources"].items()}
         report["packed_dirs"]["heldout" if heldout else "train"] = out_dir
     return report
 
 
+def _plan_filters(cfg: PrepareConfig, paths: list[str], words: list[str]) -> list[Step]:
+    wordlist = hashlib.sha256("\n".join(words).encode()).hexdigest()[:16] if words else None
+    params = {"text_field": cfg.text_field, "html": cfg.html, "languages": list(cfg.languages), "wordlist": wordlist}
+    filters = []
+    for i, path in enumerate(paths):
+        name = os.path.basename(path).split(".")[0]
+        out_path = os.path.join(cfg.out, "filtered", f"{i:05d}-{name}.jsonl.gz")
+        filters.append(Step("filter", out_path, stage_fingerprint(
+            "filter", inputs={path: file_fingerprint(path, cfg.input_fingerprint)}, params=params)))
+    return filters
+
+
+def _plan_rest(cfg: PrepareConfig, filters: list[Step]) -> dict[str, Step]:
+    """The fingerprints of the stages after filtering, from the filter shards' (recorded or new)."""
+    dedup = asdict(cfg.dedup.resolved())
+    corpus = Step("dedup", os.path.join(cfg.out, "corpus.jsonl.gz"), stage_fingerprint(
+        "dedup", params={f"dedup.{k}": v for k, v in dedup.items()},
+        upstream={os.path.relpath(s.output, cfg.out): s.fingerprint["digest"] for s in filters}))
+    steps = {"dedup": corpus}
+    if cfg.tokenizer_vocab_size:
+        steps["tokenizer"] = Step("tokenizer", os.path.join(cfg.out, "tokenizer.model"), stage_fingerprint(
+            "tokenizer", params={"tokenizer_vocab_size": cfg.tokenizer_vocab_size,
+                                 "tokenizer_model_type": cfg.tokenizer_model_type,
+                                 "tokenizer_character_coverage": cfg.tokenizer_character_coverage,
+                                 "heldout_every": cfg.heldout_every},
+            upstream={"corpus": corpus.fingerprint["digest"]}))
+    if cfg.seq_len:
+        for heldout, key, sub in SPLITS:
+            steps[key] = Step(key, os.path.join(cfg.out, sub), stage_fingerprint(
+                "pack", params={"seq_len": cfg.seq_len, "pack_method": cfg.pack_method,
+                                "source_field": cfg.source_field, "heldout_every": cfg.heldout_every,
+                                "split": "heldout" if heldout else "train"},
+                upstream={"corpus": corpus.fingerprint["digest"],
+                          "tokenizer": steps["tokenizer"].fingerprint["digest"]}))
+    return steps
+
+
+def _plan(cfg: PrepareConfig, paths: list[str], words: list[str]) -> tuple[list[Step], dict[str, Step]]:
+    """Every stage output with the fingerprint it needs and its status (new / reused / rerun),
+    from the inputs, the settings and what the outputs recorded: found before anything is
+    written, so `resume_only` fails before any change."""
+    filters = _plan_filters(cfg, paths, words)
+    for step in filters:
+        _decide(step, *_sidecar(step.output, step.output + ".stats.json"), cfg)
+    steps = _plan_rest(cfg, filters)
+    for name in ("dedup", "tokenizer"):
+        if name in steps:
+            _decide(steps[name], *_sidecar(steps[name].output, steps[name].output + ".stage.json"), cfg)
+    for key in ("pack", "pack_heldout"):
+        if key not in steps:
+            continue
+        step = steps[key]
+        manifest = os.path.join(step.output, "manifest.json")
+        recorded = None
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                recorded = json.load(f).get("fingerprint")
+        _decide(step, recorded, os.path.exists(manifest), "", cfg)
+        if cfg.resume_only and os.path.isdir(step.output):  # sources finished by an interrupted run
+            for done in sorted(f for f in os.listdir(step.output) if f.endswith(".done.json")):
+                with open(os.path.join(step.output, done)) as f:
+                    fp = json.load(f).get("fingerprint")
+                if not isinstance(fp, dict) or fp.get("digest") != step.fingerprint["digest"]:
+                    _decide(Step(key, os.path.join(step.output, done), step.fingerprint), fp, True, "", cfg)
+    return filters, steps
+
+
+def sentencepiece_message(e: Exception) -> str:
+    """SentencePiece's complaint without its source location, e.g. "Vocabulary size too high
+    (3000). Please set it to a value <= 277."."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^[A-Z_]+: \S+\(\d+\) ", "", text)  # "INTERNAL: src/trainer_interface.cc(744) "
+    return re.sub(r"^\[.*?\] (?=\S)", "", text)  # the failed check, when a message follows
+
+
+def _train_tokenizer(cfg: PrepareConfig, corpus: str, model: str, totals: dict):
+    from hibari.data.tokenizer import train_tokenizer
+    train = split_docs(corpus, cfg.heldout_every, heldout=False)
+    first = next(train, None)
+    if first is None:
+        dropped = ", ".join(f"{r} {d['docs']}" for r, d in list(totals["dropped"].items())[:3])
+        raise PrepareError(f"{corpus}: no training document to train the tokenizer on ({totals['read_docs']} "
+                           f"read, {totals['filtered_docs']} kept by the filters{': ' + dropped if dropped else ''}; "
+                           f"{totals['dedup_docs_out']} after dedup); check the inputs, languages and text_field")
+    try:
+        return train_tokenizer(_chain(first, train), model, vocab_size=cfg.tokenizer_vocab_size,
+                               model_type=cfg.tokenizer_model_type,
+                               character_coverage=cfg.tokenizer_character_coverage)
+    except RuntimeError as e:  # SentencePiece's own complaint, e.g. a vocabulary too large for the text
+        raise PrepareError(f"tokenizer_vocab_size={cfg.tokenizer_vocab_size} on {corpus}: SentencePiece says "
+                           f"\"{sentencepiece_message(e)}\"; change the vocabulary size or add text") from None
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
 def prepare(cfg: PrepareConfig) -> dict:
-    from tqdm import tqdm
     if cfg.heldout_every < 2:
-        raise ValueError(f"PrepareConfig.heldout_every={cfg.heldout_every}: must be >= 2 "
+        raise UsageError(f"PrepareConfig.heldout_every={cfg.heldout_every}: must be >= 2 "
                          "(one document in heldout_every is held out)")
     if cfg.seq_len and not cfg.tokenizer_vocab_size:
-        raise ValueError("PrepareConfig.seq_len is set but tokenizer_vocab_size is not: packing uses the "
+        raise UsageError("PrepareConfig.seq_len is set but tokenizer_vocab_size is not: packing uses the "
                          "tokenizer that prepare trains, so set both")
+    if cfg.input_fingerprint not in FINGERPRINT_MODES:
+        raise UsageError(f"PrepareConfig.input_fingerprint={cfg.input_fingerprint!r}: choose one of "
+                         f"{FINGERPRINT_MODES}")
     paths = expand_paths(cfg.inputs)
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            raise PrepareError(f"{path}: the input file is empty; remove it from the inputs")
     words = []
     if cfg.wordlist:
         with open(cfg.wordlist, encoding="utf-8") as f:
             words = [w.strip() for w in f if w.strip() and not w.startswith("#")]
+    with DirLock(cfg.out, what="output folder"):
+        return _prepare_locked(cfg, paths, words)
+
+
+def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str]) -> dict:
+    from tqdm import tqdm
+    filters, steps = _plan(cfg, paths, words)  # resume_only: fails here, before anything is written
     os.makedirs(os.path.join(cfg.out, "filtered"), exist_ok=True)
     shard_stats = []
-    for i, path in enumerate(tqdm(paths, desc="clean+filter", unit="shard")):
-        name = os.path.basename(path).split(".")[0]
-        shard_stats.append(_filter_shard(path, os.path.join(cfg.out, "filtered", f"{i:05d}-{name}.jsonl.gz"), cfg, words))
+    for path, step in zip(paths, tqdm(filters, desc="clean+filter", unit="shard")):
+        if step.status == "reused":
+            with open(step.output + ".stats.json") as f:
+                shard_stats.append(json.load(f))
+            if cfg.strict and shard_stats[-1]["read"]["bad"]:  # what a strict read would have stopped at
+                raise BadInput(f"{shard_stats[-1]['read']['bad_examples'][0]} (rerun without --strict to skip "
+                               "and count such records)")
+            if step.refresh:  # the same content, touched: record its new stat (the digest stays)
+                _write_sidecar(step.output + ".stats.json", {**shard_stats[-1], "fingerprint": step.fingerprint})
+        else:
+            shard_stats.append(_filter_shard(path, step.output, cfg, words, step.fingerprint))
+        shard_stats[-1] = {k: v for k, v in shard_stats[-1].items() if k not in ("fingerprint", "output")}
 
-    filtered = [os.path.join(cfg.out, "filtered", f"{i:05d}-{os.path.basename(p).split('.')[0]}.jsonl.gz")
-                for i, p in enumerate(paths)]
-    corpus = os.path.join(cfg.out, "corpus.jsonl.gz")
-    dedup = dedup_files(filtered, corpus, cfg.dedup, work_dir=os.path.join(cfg.out, "dedup-work"),
-                        processes=cfg.processes)
+    corpus = steps["dedup"]
+    if corpus.status == "reused":
+        with open(corpus.output + ".stage.json") as f:
+            dedup = json.load(f)["dedup"]
+    else:
+        dedup = dedup_files([s.output for s in filters], corpus.output, cfg.dedup,
+                            work_dir=os.path.join(cfg.out, "dedup-work"), processes=cfg.processes,
+                            input_keys=[s.fingerprint["digest"] for s in filters])
+        _write_sidecar(corpus.output + ".stage.json", {"fingerprint": corpus.fingerprint, "dedup": dedup,
+                                                       "output": output_stat(corpus.output)})
     report = {"config": {**asdict(cfg), "dedup": cfg.dedup.describe()}, "shards": shard_stats, "dedup": dedup,
               "totals": _totals(shard_stats, dedup)}
 
     if cfg.tokenizer_vocab_size:
-        from hibari.data.tokenizer import load_tokenizer, tokenizer_report, train_tokenizer
-        model = os.path.join(cfg.out, "tokenizer.model")
-        train = split_docs(corpus, cfg.heldout_every, heldout=False)
-        if os.path.exists(model):  # finished by an earlier run
-            sp = load_tokenizer(model)
+        from hibari.data.tokenizer import file_sha256, load_tokenizer, tokenizer_report
+        step = steps["tokenizer"]
+        if step.status == "reused":
+            sp = load_tokenizer(step.output)
         else:
-            sp = train_tokenizer(train, model, vocab_size=cfg.tokenizer_vocab_size,
-                                 model_type=cfg.tokenizer_model_type,
-                                 character_coverage=cfg.tokenizer_character_coverage)
-        report["tokenizer"] = {"path": model, "heldout": tokenizer_report(
-            sp, (d["text"] for d in split_docs(corpus, cfg.heldout_every, heldout=True)))}
+            sp = _train_tokenizer(cfg, corpus.output, step.output, report["totals"])
+            _write_sidecar(step.output + ".stage.json", {
+                "fingerprint": step.fingerprint, "vocab_size": sp.get_piece_size(),
+                "sha256": file_sha256(step.output), "output": output_stat(step.output)})
+        report["tokenizer"] = {"path": step.output, "heldout": tokenizer_report(
+            sp, (d["text"] for d in split_docs(corpus.output, cfg.heldout_every, heldout=True)))}
     if cfg.seq_len:
-        report.update(_pack_splits(cfg, corpus))
+        report.update(_pack_splits(cfg, corpus.output, steps))
 
-    with open(os.path.join(cfg.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
-    with open(os.path.join(cfg.out, "summary.txt"), "w") as f:
+    report["stages"] = {"filter": [{"input": p, **s.record(cfg.out)} for p, s in zip(paths, filters)],
+                        **{k: s.record(cfg.out) for k, s in steps.items()}}
+    _write_sidecar(os.path.join(cfg.out, "report.json"), report)
+    with open(os.path.join(cfg.out, "summary.txt.tmp"), "w") as f:
         f.write(summary(report))
+    os.replace(os.path.join(cfg.out, "summary.txt.tmp"), os.path.join(cfg.out, "summary.txt"))
     return report
 
 
@@ -181,4 +515,16 @@ def summary(report: dict) -> str:
             lines.append(f"{sub:<14} {name:<6} {e['docs']:>7} docs {e['tokens']:>10} tokens {e['rows']:>7} rows  "
                          f"padding {e['padding'] / max(1, e['rows'] * e['seq_len']):.2%}  "
                          f"chars/token {e['chars_per_token']}")
+    if "stages" in report:
+        lines.append("stages     " + stage_summary(report["stages"]))
     return "\n".join(lines) + "\n"
+
+
+def stage_summary(stages: dict) -> str:
+    """e.g. "filter 2 reused, 1 rerun | dedup rerun | tokenizer rerun | pack rerun"."""
+    filters: dict[str, int] = {}
+    for s in stages.get("filter", []):
+        filters[s["status"]] = filters.get(s["status"], 0) + 1
+    parts = ["filter " + ", ".join(f"{n} {status}" for status, n in sorted(filters.items()))]
+    parts += [f"{k} {s['status']}" for k, s in stages.items() if k != "filter"]
+    return " | ".join(parts)
