@@ -10,6 +10,8 @@
 
 A rerun with the same command resumes from the workdir's latest checkpoint (the loader position
 included); DPO's precomputed reference cache is reused. Distributed flags as `hibari pretrain`.
+A run recorded with another tokenizer than config.data.tokenizer (init_from's
+tokenizer_record.json) is refused unless `--allow-tokenizer-mismatch` is given.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from hibari.train.cli import parse_run_flags, setup_logging
 def _run(prog: str, argv: list[str], default_config: str, make_task, after=None) -> int:
     setup_logging()
     fv = parse_run_flags(prog, argv, default_config=default_config)
+    if fv.allow_tokenizer_mismatch:  # read by align.tasks.start_params; kept in config.json
+        with fv.config.unlocked():
+            fv.config.allow_tokenizer_mismatch = True
     from hibari.train.distributed import initialize
     initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     from hibari.train.loop import train

@@ -40,10 +40,31 @@ log = logging.getLogger(__name__)
 # Shared setup
 # ---------------------------------------------------------------------------------------------
 
+def check_init_tokenizer(config: ml_collections.ConfigDict) -> dict | None:
+    """Refuse (TokenizerMismatch) a config.init_from run that recorded a tokenizer other than
+    config.data.tokenizer (by content hash), unless config.allow_tokenizer_mismatch (set by
+    `--allow-tokenizer-mismatch`): then one warning and what differs is returned. None when
+    they agree or there is nothing to compare (no init_from, no record, no data.tokenizer)."""
+    init_from, field = config.get("init_from"), config.data.get("tokenizer")
+    if not init_from or not field:
+        return None
+    from hibari.data.tokenizer import check_tokenizer_record
+    path = resolve_path(field)
+    if not Path(path).exists():
+        return None  # encoder_of names the missing file
+    return check_tokenizer_record(
+        init_from, path, allow=bool(config.get("allow_tokenizer_mismatch", False)),
+        checkpoint_label=f"config.init_from={init_from}",
+        tokenizer_label=f"config.data.tokenizer={field}",
+        fix="set --config.data.tokenizer={path}")
+
+
 def start_params(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
     """(cfg, params) from config.init_from, writing its model config into config.model;
-    (cfg of config.model, fresh params from the seed) when init_from is empty."""
+    (cfg of config.model, fresh params from the seed) when init_from is empty. The tokenizer
+    is checked against init_from's record first (`check_init_tokenizer`)."""
     if config.get("init_from"):
+        check_init_tokenizer(config)
         from hibari.model.params_io import load_params
         cfg, params = load_params(config.init_from)
         with config.unlocked():

@@ -8,21 +8,31 @@ Vocabulary expansion (Swallow-style continual pretraining): pieces learned on a 
 corpus that the base model lacks are appended to its ModelProto, so every old id keeps its meaning.
 `ExpandedTokenizer.init_map` gives, for each new id, the base-model ids of the piece's text: the
 model's vocabulary-resize helper initialises the new embedding rows from their mean.
+
+Tokenizer records: a training run writes `tokenizer_record.json` ({"sha256", "path",
+"vocab_size"} of the tokenizer its data was encoded with: config.data.tokenizer, or the packed
+shards' manifest) into its run directory (`write_tokenizer_record`); `check_tokenizer_record`
+refuses a checkpoint used with a tokenizer of another content hash (`tokenizer_sha256`), unless
+allowed. Checkpoints without a record (older runs, HF dirs, GGUF files) are not checked.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from hibari.base.errors import InputNotFound
+from hibari.base.errors import InputNotFound, UserError
 from hibari.data.sources import Doc
+
+log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -77,6 +87,171 @@ def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
 def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+# ------------------------------------------------------------------ records
+TOKENIZER_RECORD = "tokenizer_record.json"  # not tokenizer.json: that name is an HF tokenizer
+MISMATCH_FLAG = "--allow-tokenizer-mismatch"
+
+
+class TokenizerMismatch(UserError, ValueError):
+    """A checkpoint is used with a tokenizer other than the one it was trained with, or its
+    tokenizer record cannot be read."""
+
+
+def _gguf_tokenizer_sha256(path: Path) -> str:
+    """sha256 of a GGUF file's `tokenizer.*` metadata (names and values in file order): the
+    tokenizer is embedded, and hashing the whole file would hash the weights too."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    digest = hashlib.sha256()
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            digest.update(json.dumps([name, field.contents()], ensure_ascii=False,
+                                     default=str).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a tokenizer source: a SentencePiece model's file sha256 (as the pack
+    manifest's tokenizer.sha256); an HF tokenizer's tokenizer.json bytes (the file, or the one
+    in a directory); a *.gguf file's embedded `tokenizer.*` metadata."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise InputNotFound(f"no tokenizer at {str(path)!r} to hash")
+    if path.suffix == ".gguf":
+        return _gguf_tokenizer_sha256(path)
+    return file_sha256(str(path))
+
+
+def _vocab_size(path: str) -> int | None:
+    """Pieces of a SentencePiece model or ids of an HF tokenizer.json (None: neither)."""
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".json":
+        try:
+            from tokenizers import Tokenizer
+            return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p)).get_vocab_size()
+        except Exception:  # noqa: BLE001 - a record without a size is still a record
+            return None
+    try:
+        return load_tokenizer(str(p)).get_piece_size()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _manifest_tokenizers(paths) -> list[dict]:
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out = []
+    for item in map(str, items):
+        manifest = os.path.join(item, "manifest.json") if os.path.isdir(item) else item
+        try:
+            with open(manifest) as f:
+                out.append(json.load(f)["tokenizer"])
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise InputNotFound(f"config.data.path={item!r}: cannot read the tokenizer of "
+                                f"{manifest} ({e}); pack the corpus first (`hibari data pack`)"
+                                ) from None
+    return out
+
+
+def tokenizer_record(config) -> dict | None:
+    """{"sha256", "path", "vocab_size"} of the tokenizer a training config's data is encoded
+    with: config.data.tokenizer when set, else the packed manifest(s) at config.data.path;
+    None for synthetic data."""
+    data = config.data
+    field = data.get("tokenizer")
+    if field:
+        from hibari.base.config_files import resolve_path
+        path = resolve_path(field)
+        if not os.path.exists(path):
+            raise InputNotFound(f"config.data.tokenizer={field!r}: no such tokenizer")
+        return {"sha256": tokenizer_sha256(path), "path": os.path.abspath(path),
+                "vocab_size": _vocab_size(path)}
+    if data.get("kind", "packed") == "synthetic" or not data.get("path"):
+        return None
+    tokenizers = {t["sha256"]: t for t in _manifest_tokenizers(data.path)}
+    if len(tokenizers) != 1:
+        raise TokenizerMismatch(f"config.data.path={data.path!r}: the manifests were packed "
+                                f"with different tokenizers {sorted(tokenizers)}")
+    (sha, tok), = tokenizers.items()
+    return {"sha256": sha, "path": tok.get("path"), "vocab_size": tok.get("vocab_size")}
+
+
+def write_tokenizer_record(config, workdir: str | os.PathLike) -> dict | None:
+    """Write `workdir/tokenizer_record.json` (atomically) from `tokenizer_record(config)`;
+    nothing for synthetic data. Returns the record. A resumed run whose tokenizer changed is
+    warned about (the new record replaces the old)."""
+    record = tokenizer_record(config)
+    if record is None:
+        return None
+    workdir = Path(workdir)
+    path = workdir / TOKENIZER_RECORD
+    old = read_tokenizer_record(path) if path.is_file() else None
+    if old is not None and old.get("sha256") != record["sha256"]:
+        log.warning("%s: this run was trained with tokenizer %s (sha256 %s) and now goes on "
+                    "with %s (sha256 %s)", workdir, old.get("path"), str(old.get("sha256"))[:12],
+                    record["path"], record["sha256"][:12])
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def read_tokenizer_record(path: str | os.PathLike) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            raise ValueError("no sha256 field")
+    except (OSError, ValueError) as e:
+        raise TokenizerMismatch(f"{path}: unreadable tokenizer record ({e}); delete it to use "
+                                "the checkpoint unchecked") from None
+    return record
+
+
+def recorded_tokenizer(checkpoint_path: str | os.PathLike) -> dict | None:
+    """The tokenizer record of a run directory or of one of its `checkpoints/<step>/` dirs
+    (the run dir two levels up); None without one (older runs, params exports, HF dirs,
+    GGUF files)."""
+    path = Path(checkpoint_path)
+    candidates = [path]
+    if path.parent.name == "checkpoints":
+        candidates.append(path.parent.parent)
+    elif path.name == "checkpoints":
+        candidates.append(path.parent)
+    for run_dir in candidates:
+        if (run_dir / TOKENIZER_RECORD).is_file():
+            return read_tokenizer_record(run_dir / TOKENIZER_RECORD)
+    return None
+
+
+def check_tokenizer_record(checkpoint: str | os.PathLike, tokenizer_path: str | os.PathLike, *,
+                           allow: bool = False, checkpoint_label: str | None = None,
+                           tokenizer_label: str = "the tokenizer used",
+                           fix: str = "pass --tokenizer {path}") -> dict | None:
+    """Compare the tokenizer at `tokenizer_path` with the one recorded for `checkpoint`.
+
+    None when there is no record or the content hashes agree. When they differ: raise
+    TokenizerMismatch (one line naming both paths and short hashes; `fix` says what to do
+    instead, `{path}` standing for the recorded tokenizer's path), or with `allow` log one
+    warning and return {"recorded": record, "used": {"path", "sha256"}} for the caller to keep."""
+    record = recorded_tokenizer(checkpoint)
+    if record is None:
+        return None
+    used = {"path": os.path.abspath(tokenizer_path), "sha256": tokenizer_sha256(tokenizer_path)}
+    if used["sha256"] == record["sha256"]:
+        return None
+    message = (f"{checkpoint_label or f'checkpoint {checkpoint}'} was trained with tokenizer "
+               f"{record.get('path')} (sha256 {record['sha256'][:12]}) but {tokenizer_label} "
+               f"is {used['path']} (sha256 {used['sha256'][:12]})")
+    if not allow:
+        fix = fix.format(path=record.get("path"))
+        raise TokenizerMismatch(f"{message}: its ids name other pieces; {fix}, or "
+                                f"{MISMATCH_FLAG} to go on anyway")
+    log.warning("%s (%s given: going on)", message, MISMATCH_FLAG)
+    return {"recorded": record, "used": used}
 
 
 def load_proto(model_path: str) -> sp_pb2.ModelProto:

@@ -27,6 +27,9 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--prefix", choices=PREFIX_MODES, default="auto",
                    help="what goes before each context: auto (BOS only if the tokenizer adds "
                    "it, as lm-evaluation-harness does), bos, eos or none (default: auto)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="use a tokenizer whose content differs from the one the run recorded "
+                   "(tokenizer_record.json); refused by default (results.json records it)")
 
 
 def _split(names):
@@ -73,7 +76,8 @@ def eval_main(argv=None) -> int:
                   "instead)", file=sys.stderr)
     t0 = time.perf_counter()
     lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
-                 max_len=args.max_len, prefix=args.prefix)
+                 max_len=args.max_len, prefix=args.prefix,
+                 allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     load_s = time.perf_counter() - t0
     results = []
     for t in tasks:
@@ -88,6 +92,8 @@ def eval_main(argv=None) -> int:
             "fewshot": args.fewshot, "templates": args.templates, "strict": args.strict,
             "partial_input": args.partial_input,
             "load_seconds": round(load_s, 2), "model": lm.cfg.to_dict()}
+    if lm.tokenizer_mismatch:  # --allow-tokenizer-mismatch let a different tokenizer through
+        meta["tokenizer_mismatch"] = lm.tokenizer_mismatch
     json_path, md_path = write_results(args.out, results, meta)
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
@@ -133,7 +139,8 @@ def generate_main(argv=None) -> int:
         raise UsageError("no prompts given (use --prompts FILE or pipe them on stdin)")
     from hibari.evaluation.lm import load_lm
     lm = load_lm(args.checkpoint, args.tokenizer, batch_size=args.batch_size,
-                 max_len=args.max_len, prefix=args.prefix)
+                 max_len=args.max_len, prefix=args.prefix,
+                 allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     t0 = time.perf_counter()
     outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -28,6 +28,7 @@ class LanguageModel:
     tokenizer: EvalTokenizer
     batch_size: int = 8
     max_len: int | None = None
+    tokenizer_mismatch: dict | None = None  # load_lm(allow_tokenizer_mismatch=True): what differs
 
     def __post_init__(self):
         self.max_len = self.max_len or self.cfg.max_seq_len
@@ -92,18 +93,29 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def load_lm(checkpoint: str | Path, tokenizer: str | Path | None = None, *,
-            batch_size: int = 8, max_len: int | None = None, prefix: str = "auto"
-            ) -> LanguageModel:
+            batch_size: int = 8, max_len: int | None = None, prefix: str = "auto",
+            allow_tokenizer_mismatch: bool = False) -> LanguageModel:
     """Parameters from any checkpoint kind `hibari.model.params_io.load_params` reads, or a llama
     GGUF file (`model.gguf`); the tokenizer from `tokenizer` or found beside the checkpoint;
-    `prefix`: what goes before each context (`hibari.evaluation.tokenizer.PREFIX_MODES`)."""
+    `prefix`: what goes before each context (`hibari.evaluation.tokenizer.PREFIX_MODES`).
+
+    A hibari run that recorded its tokenizer (tokenizer_record.json) is refused with a tokenizer
+    of another content hash (`hibari.data.tokenizer.TokenizerMismatch`), unless
+    `allow_tokenizer_mismatch`: then one warning, and `lm.tokenizer_mismatch` says what differs."""
     checkpoint = Path(checkpoint)
+    mismatch = None
     if checkpoint.suffix == ".gguf":
         from hibari.model.gguf import import_gguf
         cfg, params = import_gguf(checkpoint)
+        tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(checkpoint)
     else:
-        from hibari.model.params_io import load_params
+        from hibari.data.tokenizer import check_tokenizer_record
+        from hibari.model.params_io import load_params, resolve_checkpoint
+        resolve_checkpoint(checkpoint)  # a wrong path is named as such, before the tokenizer
+        tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(checkpoint)
+        # the tokenizer is checked against the run's record before the parameters are read
+        mismatch = check_tokenizer_record(checkpoint, tok.name, allow=allow_tokenizer_mismatch)
         cfg, params = load_params(checkpoint)
-    tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_for_checkpoint(checkpoint)
     tok.set_prefix(prefix)
-    return LanguageModel(cfg, params, tok, batch_size=batch_size, max_len=max_len)
+    return LanguageModel(cfg, params, tok, batch_size=batch_size, max_len=max_len,
+                         tokenizer_mismatch=mismatch)

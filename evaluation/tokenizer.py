@@ -259,7 +259,9 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
 
 def tokenizer_for_checkpoint(checkpoint: str | Path) -> EvalTokenizer:
     """Find a checkpoint's tokenizer: an HF dir's tokenizer.json, a GGUF file's own, a run
-    dir's config.json `data.tokenizer`, or a tokenizer.model / *.model file beside it."""
+    dir's config.json `data.tokenizer`, the path in its tokenizer_record.json (pretraining on
+    packed shards), or a tokenizer.model / *.model file beside it."""
+    from hibari.data.tokenizer import TOKENIZER_RECORD, read_tokenizer_record
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".gguf":
         return load_gguf_tokenizer(checkpoint)
@@ -277,9 +279,14 @@ def tokenizer_for_checkpoint(checkpoint: str | Path) -> EvalTokenizer:
                 p = Path(field)
                 p = p if p.is_absolute() or p.exists() else d / p
                 return load_tokenizer(p)
+        if (d / TOKENIZER_RECORD).is_file():
+            recorded = read_tokenizer_record(d / TOKENIZER_RECORD).get("path")
+            if recorded and Path(recorded).exists():
+                return load_tokenizer(recorded)
         models = sorted(d.glob("*.model"))
         if models:
             return SentencePieceTokenizer(models[0])
         looked.append(str(d))
     raise TokenizerError(f"no tokenizer found for checkpoint {checkpoint} (looked in {looked} for "
-                         "tokenizer.json, config.json data.tokenizer, *.model); pass --tokenizer")
+                         f"tokenizer.json, config.json data.tokenizer, {TOKENIZER_RECORD}, "
+                         "*.model); pass --tokenizer")
