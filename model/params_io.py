@@ -249,8 +249,14 @@ def restore_tree(directory: str | os.PathLike, shapes, shardings=None):
             raise CheckpointError(f"{directory}: parameters do not match the model config "
                                   f"({type(e).__name__}: {e})") from e
         raise CheckpointCorrupt(f"{directory}: cannot read the saved arrays "
-                                f"({type(e).__name__}: {str(e)[:300]})") from e
+                                f"({type(e).__name__}: {error_line(e)})") from e
     except Exception as e:  # tensorstore/zarr decode errors of damaged files have many types
         raise CheckpointCorrupt(f"{directory}: cannot read the saved arrays "
-                                f"({type(e).__name__}: {str(e)[:300]})") from e
+                                f"({type(e).__name__}: {error_line(e)})") from e
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (tensorstore appends pages of spec)."""
+    text = " ".join(str(error).split())
+    return text.split(" See full TensorStore details")[0][:limit]
 

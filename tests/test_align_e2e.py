@@ -133,7 +133,8 @@ def test_cli_sft_resumes_then_dpo_and_reward_chain(tmp_path):
          "eval_every=0")
     a = {r["step"]: r["loss"] for r in read_metrics(straight / "metrics.jsonl")}
     b = {r["step"]: r["loss"] for r in read_metrics(resumed / "metrics.jsonl")}
-    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4, 3, 4]
+    # the replayed steps 3 and 4 replace the first run's records: each step appears once
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert b[3] == pytest.approx(a[3], rel=1e-6) and b[4] == pytest.approx(a[4], rel=1e-6)
     assert "eval_loss" in read_metrics(straight / "metrics.jsonl")[-1]
 

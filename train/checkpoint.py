@@ -34,6 +34,7 @@ from hibari.model.params_io import (  # noqa: F401
     CheckpointCorrupt,
     CheckpointError,
     abstract_tree,
+    error_line,
     load_params,
     model_config_of_run,
     resolve_checkpoint,
@@ -143,7 +144,7 @@ class Checkpointer:
             try:
                 state, loader_state = self.restore(step, abstract_state, shardings)
             except Exception as e:  # noqa: BLE001 -- a damaged step fails in many ways
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                why = f"{type(e).__name__}: {error_line(e)}"
                 failures.append((step, why))
                 log.warning("checkpoint step %d of %s cannot be used (%s); trying the previous "
                             "step", step, self.directory, why)
