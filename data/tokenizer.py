@@ -30,6 +30,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from hibari.base.errors import InputNotFound, UserError
+from hibari.base.files import write_atomic
 from hibari.data.sources import Doc
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,7 @@ def write_tokenizer_record(config, workdir: str | os.PathLike) -> dict | None:
                     "with %s (sha256 %s)", workdir, old.get("path"), str(old.get("sha256"))[:12],
                     record["path"], record["sha256"][:12])
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
     return record
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hibari.base.errors import UserError
+from hibari.base.files import write_atomic
 from hibari.base.runlock import DirLock
 from hibari.model import ModelConfig, flops_per_token, init, param_axes
 from hibari.train.checkpoint import Checkpointer
@@ -409,19 +410,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
     try:
         run = build(config, workdir, task, devices)
         if is_main:
-            _write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
+            write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
             from hibari.data.tokenizer import write_tokenizer_record
             write_tokenizer_record(config, workdir)  # eval/sft/dpo refuse another tokenizer
         return _train(run, workdir, is_main)
     finally:
         if lock is not None:
             lock.release()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from hibari.base.files import write_atomic
+
 # Dense bf16 peak FLOP/s per device (vendor datasheets), matched by substring of device_kind.
 PEAK_FLOPS = (
     ("H200", 989e12),
@@ -115,9 +117,7 @@ def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:
                 continue
             kept.append(line if line.endswith(b"\n") else line + b"\n")
     if cut:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, path)
+        write_atomic(path, b"".join(kept))
     return cut
 
 
