@@ -274,8 +274,8 @@ def probe(lm, facts: Sequence[dict], pool: Sequence[dict], cfg, *,
             record = {"id": fact["id"], "question": fact["question"],
                       "answers": list(fact["answers"]),
                       "exemplars": [[pool[j]["id"] for j in ids] for ids in shots[i]],
-                      "greedy": [a.strip() for a in greedy[i * n_prompts:(i + 1) * n_prompts]],
-                      "sampled": [[a.strip() for a in sampled[p * samples:(p + 1) * samples]]
+                      "greedy": [_answer(a) for a in greedy[i * n_prompts:(i + 1) * n_prompts]],
+                      "sampled": [[_answer(a) for a in sampled[p * samples:(p + 1) * samples]]
                                   for p in range(n_prompts)]}
             records.append(record)
             if on_record:
@@ -283,6 +283,12 @@ def probe(lm, facts: Sequence[dict], pool: Sequence[dict], cfg, *,
             if progress:
                 progress(start + i + 1)
     return records
+
+
+def _answer(completion: str) -> str:
+    """The answer in a completion: up to the first newline (`generate` stops there already),
+    stripped."""
+    return completion.split("\n", 1)[0].strip()
 
 
 def score_record(record: dict, match: str = "exact") -> dict:

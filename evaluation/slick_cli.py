@@ -25,8 +25,11 @@ def parse_slick_flags(argv: list[str]) -> flags.FlagValues:
     from hibari.base.errors import UsageError
     from hibari.train.cli import parse_flag_values
     fv = flags.FlagValues()
+    argv = resolve_config_flag(argv)
+    # sys_argv: the --config.FIELD overrides are found in this argv, not the process's
     config_flags.DEFINE_config_file("config", None, "SliCK config file[:variant]",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True,
+                                    sys_argv=["hibari slick"] + argv)
     flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/<step> dir, params export, HF "
                         "dir or *.gguf file (overrides config.checkpoint)", flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "SentencePiece *.model, tokenizer.json / HF dir or "
@@ -37,7 +40,7 @@ def parse_slick_flags(argv: list[str]) -> flags.FlagValues:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\n" + USAGE)
         raise SystemExit(0)
-    parse_flag_values(fv, "slick", resolve_config_flag(argv))
+    parse_flag_values(fv, "slick", argv)
     if fv.config is None:
         raise UsageError(f"--config FILE.py[:variant] is required (e.g. "
                          f"configs/slick/nq_open.py)\n{USAGE}")
