@@ -10,9 +10,9 @@ an exact match with a gold answer after normalisation. Categories:
   MaybeKnown    0 < P_Correct(T=0) < 1
   WeaklyKnown   P_Correct(T=0) = 0 and P_Correct(T>0) > 0
   Unknown       P_Correct(T=0) = 0 and P_Correct(T>0) = 0
-The paper's finding, which the categories serve: fine-tuning on Unknown facts is learned slowly
-and, once learned, raises the model's hallucination on facts it knew; MaybeKnown facts are the
-most useful to fine-tune on.
+The paper's finding, which the categories serve: fine-tuning examples of Unknown facts are
+fitted slowly and, as they are fitted, raise the model's tendency to hallucinate; early stopping
+or filtering them out helps, and MaybeKnown examples matter most in the fine-tuning mix.
 
 As a runnable evaluation (`hibari slick`, `run_slick`): a facts file and a config
 (configs/slick/nq_open.py) -> OUT/
@@ -406,14 +406,16 @@ def render_report(results: dict) -> str:
         "indicators).", "",
         "## Reading it", "",
         "SliCK (Gekhman et al., 2024, \"Does Fine-Tuning LLMs on New Knowledge Encourage "
-        "Hallucinations?\") sorts facts by how reliably the model already produces them. The "
-        "categories are for choosing fine-tuning data: facts the model does not know (Unknown) "
-        "are fitted slowly and, once fitted, make the model hallucinate more on the rest — "
-        "fine-tuning teaches it to answer without grounding. Known facts, MaybeKnown above all, "
-        "make the better fine-tuning set; filtering Unknown ones out (or early stopping before "
-        "they are fitted) limits the damage. A large Unknown share means most of this fact set "
-        "is new knowledge for the model. Small models that answer in sentences score low on EM; "
-        "the contains column shows how much of that is format rather than knowledge.", "",
+        "Hallucinations?\") sorts facts by how reliably the model already produces them, to "
+        "choose fine-tuning data. In the paper, fine-tuning examples whose facts are Unknown to "
+        "the model are fitted much more slowly than known ones, and as they are eventually "
+        "fitted the model's tendency to hallucinate (on facts it did know) rises linearly: "
+        "fine-tuning teaches it to produce answers its knowledge does not ground. Early "
+        "stopping, or filtering Unknown facts out, limits the damage; MaybeKnown facts matter "
+        "most for the tuned model to use knowledge it holds only partly. A large Unknown share "
+        "here means that most of this fact set would be new knowledge to the model. Small "
+        "models that answer in sentences score low on EM; the contains column shows how much "
+        "of that is format rather than knowledge.", "",
         "## Run", "",
         f"{timing['facts_probed']} facts probed in {timing['probe_seconds']} s "
         f"({timing['facts_cached']} reused from an earlier run with the same fingerprint); "
@@ -438,7 +440,9 @@ def plot_slick(summary: dict, records: Sequence[dict], path: str | Path) -> Path
     left.tick_params(axis="x", labelsize=8)
     p0 = [r["p_correct_greedy"] for r in records]
     n_prompts = max((len(r["greedy"]) for r in records), default=1)
-    right.hist(p0, bins=[(i - 0.5) / n_prompts for i in range(n_prompts + 2)], color="#1971c2")
+    right.hist(p0, bins=[(i - 0.5) / n_prompts for i in range(n_prompts + 2)], color="#1971c2",
+               rwidth=0.85)
+    right.set_xticks([i / n_prompts for i in range(n_prompts + 1)])
     right.set_xlabel("P_Correct(T=0)")
     right.set_ylabel("facts")
     right.set_title("greedy correctness over the prompts")

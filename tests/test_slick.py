@@ -21,6 +21,7 @@ from hibari.evaluation.slick import (
     exemplar_ids,
     load_facts,
     probe,
+    probe_facts,
     run_slick,
     score_record,
     summarize,
@@ -118,6 +119,10 @@ def test_categories_shares_and_table_against_hand_computation(files):
         assert len(r["greedy"]) == N_PROMPTS and [len(s) for s in r["sampled"]] == [SAMPLES] * 4
     assert by_q["Who wrote Hamlet?"]["greedy_exact"] == [True, False, True, False]
     assert by_q["What is the capital of France?"]["greedy"][0] == "Paris"  # cut at the newline
+
+    # the older entry point gives the same categories (exact match)
+    legacy = probe_facts(ScriptedLM(), facts, n_prompts=N_PROMPTS, k=2, samples=SAMPLES)
+    assert [r["category"] for r in legacy] == [r["category"] for r in records]
 
     s = summarize(records, "exact")
     assert s["counts"] == {"HighlyKnown": 2, "MaybeKnown": 1, "WeaklyKnown": 1, "Unknown": 1}
