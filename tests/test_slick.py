@@ -296,6 +296,15 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, capsys):
     for r in rows:
         assert len(r["greedy"]) == 2 and [len(x) for x in r["sampled"]] == [2, 2]
         assert all(len(e) == 2 for e in r["exemplars"]) and r["id"] not in sum(r["exemplars"], [])
+    assert len({a for r in rows for x in r["sampled"] for a in x}) > 8  # samples vary
+    # the answers do not depend on the chunking or the greedy batch size (a fresh directory)
+    cfg = make_config(facts, n_prompts=2, samples=2, max_new_tokens=3, chunk_facts=1,
+                      batch_size=1)
+    cfg.update(checkpoint=str(tiny_checkpoint), facts={"format": "nq_open"})
+    run_slick(cfg, tmp_path / "one_by_one", log=lambda line: None)
+    alone = (tmp_path / "one_by_one" / "samples" / "slick.jsonl").read_text().splitlines()
+    assert [(r["greedy"], r["sampled"]) for r in map(json.loads, alone)] == \
+        [(r["greedy"], r["sampled"]) for r in rows]
     assert "## Per category" in (out / "report.md").read_text()
     assert (out / "slick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a malformed row: one line naming file:line, before the model is loaded
