@@ -548,6 +548,7 @@ class CachedScorer:
 
     def score(self, contexts: Sequence[str], options: Sequence[str], phase: str = "judge"
               ) -> list[list[float]]:
+        phase = f"{phase} [{'/'.join(o.strip() for o in options)}]"
         keys = [_key([c, list(options)])[:32] for c in contexts]
         todo = sorted({k: c for k, c in zip(keys, contexts) if k not in self.cache}.items(),
                       key=lambda kc: len(kc[1]))

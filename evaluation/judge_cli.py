@@ -22,14 +22,17 @@ def parse_judge_flags(argv: list[str]) -> flags.FlagValues:
     from hibari.base.errors import UsageError
     from hibari.train.cli import parse_flag_values
     fv = flags.FlagValues()
+    argv = resolve_config_flag(argv)
+    # sys_argv: the --config.FIELD overrides are found in this argv, not the process's
     config_flags.DEFINE_config_file("config", None, "judge config file[:variant]",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True,
+                                    sys_argv=["hibari judge"] + argv)
     flags.DEFINE_string("out", None, "output directory (answers and judgments are cached in it)",
                         flag_values=fv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\n" + USAGE)
         raise SystemExit(0)
-    parse_flag_values(fv, "judge", resolve_config_flag(argv))
+    parse_flag_values(fv, "judge", argv)
     if fv.config is None:
         raise UsageError(f"--config FILE.py[:variant] is required\n{USAGE}")
     if not fv.out:
