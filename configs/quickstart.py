@@ -76,6 +76,24 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
         batch_size=8,
         max_new_tokens=16 if ci else 48))
 
+    # Optional stages, run after eval with `hibari quickstart --with judge slick`:
+    # judge  the SFT and DPO models answer seed tasks, NQ-open questions and ASDiv problems; a
+    #        judge model grades them (configs/judge/arena.py:quickstart + `overrides`); `checkpoint`
+    #        "" = the SFT model judges (it is also a contestant: self-enhancement is measured)
+    # slick  SliCK categories of NQ-open facts for one of the trained models
+    c.judge = ml_collections.ConfigDict(dict(
+        config="configs/judge/arena.py:quickstart",
+        checkpoint="",
+        overrides=dict(
+            prompts=dict(seed=dict(limit=3), nq=dict(limit=2), asdiv=dict(limit=2)),
+            generation=dict(max_new_tokens=16), verbosity=dict(n=2),
+            ratings=dict(bootstrap_rounds=50)) if ci else dict()))
+    c.slick = ml_collections.ConfigDict(dict(
+        config="configs/slick/nq_open.py:cpu",
+        model="dpo",
+        overrides=dict(facts=dict(limit=3 if ci else 24), n_prompts=2 if ci else 4,
+                       samples=2 if ci else 4)))
+
     # Greedy completions shown in the report: `text` prompts are continued as they are,
     # `instruction` prompts go through the SFT template (the format SFT and DPO trained on).
     c.prompts = ml_collections.ConfigDict(dict(

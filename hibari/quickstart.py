@@ -1,14 +1,16 @@
 """`hibari quickstart`: corpus -> tokenizer -> pretraining -> SFT -> DPO -> evaluation -> report.
 
     hibari quickstart [--out runs/quickstart] [--config configs/quickstart.py[:ci]] [--fresh]
-                      [--until STAGE]
+                      [--until STAGE] [--with judge slick]
 
 Every stage is an ordinary hibari command (`hibari data prepare`, `hibari pretrain`, `hibari sft`,
 `hibari dpo`, the `hibari eval` harness) whose arguments come from configs/quickstart.py; the
 stage configs are built by parsing exactly the command lines the report prints, so each stage
 can be rerun alone. A finished stage leaves `OUT/stages/<stage>.json` and is skipped on a rerun;
 an interrupted training stage resumes from its checkpoint (Ctrl-C saves one). `--fresh` deletes
-what the quickstart wrote in OUT and starts over.
+what the quickstart wrote in OUT and starts over. `--with judge slick` adds the optional stages
+after eval: `hibari judge` (the SFT and DPO models graded by a judge model, with the judge's bias
+report) and `hibari slick` (SliCK knowledge categories of one model).
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ("data", "pretrain", "sft", "dpo", "eval")
 MODELS = ("pretrain", "sft", "dpo")  # the trained stages, evaluated in this order
+EXTRA_STAGES = ("judge", "slick")  # optional, after eval: `--with judge slick`
 # What `--fresh` removes: only what the quickstart writes.
-OWNED = STAGES + ("stages", "plots", "report.md", "report.html", "report.json", "quickstart.json")
+OWNED = STAGES + EXTRA_STAGES + ("stages", "plots", "report.md", "report.html", "report.json", "quickstart.json")
 STATE_FILE = "quickstart.json"
 
 
@@ -88,6 +91,17 @@ class Plan:
             return ["prepare", "--config", f"{qc.data.base}:{self.dir('data')}",
                     "--vocab-size", str(qc.data.tokenizer_vocab_size),
                     "--seq-len", str(qc.data.seq_len)]
+        if stage == "judge":  # the trained models (and their tokenizer) by absolute path
+            models = {m: dict(checkpoint=str(self.dir(m).absolute()),
+                              tokenizer=str(self.tokenizer.absolute())) for m in ("sft", "dpo")}
+            return (["--config", qc.judge.config, "--out", str(self.dir("judge"))] +
+                    override_flags(dict(contestants=models, judge=models["sft"])) +
+                    override_flags(qc.judge.overrides))
+        if stage == "slick":
+            return ["--config", qc.slick.config,
+                    "--checkpoint", str(self.dir(qc.slick.model).absolute()),
+                    "--tokenizer", str(self.tokenizer.absolute()),
+                    "--out", str(self.dir("slick"))] + override_flags(qc.slick.overrides)
         section = qc[stage]
         argv = ["--config", section.base, "--workdir", str(self.dir(stage)),
                 f"--config.seed={qc.seed}"]
@@ -118,10 +132,12 @@ class Plan:
 
 def load_plan(spec: str, out: str | Path) -> Plan:
     qc = load_python_config(spec, "--config", QuickstartError)
-    for field in ("data", "pretrain", "sft", "dpo", "eval", "prompts"):
+    for field in ("data", "pretrain", "sft", "dpo", "eval", "prompts", "judge", "slick"):
         if field not in qc:
             raise QuickstartError(f"{spec}: the config has no field {field!r} "
                                   "(see configs/quickstart.py)")
+    if qc.slick.model not in MODELS:
+        raise QuickstartError(f"{spec}: slick.model={qc.slick.model!r}; choose one of {MODELS}")
     for stage in MODELS:  # the base configs load and the overrides name their fields
         base = load_python_config(qc[stage].base, f"{spec} field {stage}.base", QuickstartError)
         apply_overrides(base, qc[stage].overrides, f"{spec} field {stage}.overrides",
@@ -135,10 +151,10 @@ def load_plan(spec: str, out: str | Path) -> Plan:
 
 def _section(plan: Plan, stage: str) -> dict:
     """The part of the quickstart config a stage depends on (and everything before it)."""
-    upto = STAGES[:STAGES.index(stage) + 1]
+    upto = STAGES + (stage,) if stage in EXTRA_STAGES else STAGES[:STAGES.index(stage) + 1]
     d = {s: plan.qc[s].to_dict() for s in upto if s in plan.qc}
     d["seed"] = plan.qc.seed
-    if stage == "eval":
+    if stage in ("eval",) + EXTRA_STAGES:
         d["prompts"] = plan.qc.prompts.to_dict()
     return json.loads(json.dumps(d, default=list))
 
@@ -328,6 +344,25 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str)
     return summary
 
 
+def run_judge_stage(plan: Plan) -> dict:
+    """`hibari judge` on the SFT and DPO models (configs/quickstart.py field `judge`)."""
+    from hibari.evaluation.arena import run_judge
+    from hibari.evaluation.judge_cli import parse_judge_flags
+    fv = parse_judge_flags(plan.argv("judge"))
+    results = run_judge(fv.config, plan.dir("judge"), command=plan.command("judge"))
+    return {k: results[k] for k in ("pairwise", "single", "bias", "judge", "prompts")}
+
+
+def run_slick_stage(plan: Plan) -> dict:
+    """`hibari slick` on one trained model (configs/quickstart.py field `slick`)."""
+    from hibari.evaluation.slick import run_slick
+    from hibari.evaluation.slick_cli import parse_slick_flags
+    fv = parse_slick_flags(plan.argv("slick"))
+    config = fv.config
+    config.checkpoint, config.tokenizer = fv.checkpoint, fv.tokenizer
+    return run_slick(config, plan.dir("slick"))
+
+
 def run_eval(plan: Plan) -> dict:
     import numpy as np
 
@@ -363,6 +398,8 @@ TRAIN_EFFICIENCY = 0.26
 COMPILE_S = {"pretrain": 15.0, "sft": 15.0, "dpo": 25.0}
 DATA_S = 25.0
 EVAL_S_PER_MODEL = 22.0
+EXTRA_S = {"judge": 60.0, "slick": 40.0}  # the optional stages (`--with`), default size
+EXTRA_S_CI = {"judge": 20.0, "slick": 10.0}
 
 
 def matmul_flops_per_s() -> float:
@@ -397,6 +434,7 @@ def estimate(plan: Plan) -> dict[str, float]:
         tokens = ov.steps * batch * seq
         seconds[stage] = COMPILE_S[stage] + tokens * flops_per_token(cfg, seq) / rate
     seconds["eval"] = EVAL_S_PER_MODEL * len(MODELS) * (0.3 if qc.eval.limit else 1.0)
+    seconds.update(EXTRA_S_CI if qc.eval.limit else EXTRA_S)
     return seconds
 
 
@@ -404,19 +442,27 @@ def estimate(plan: Plan) -> dict[str, float]:
 # The command
 # ---------------------------------------------------------------------------------------------
 
-def run(plan: Plan, fresh: bool = False, until: str | None = None) -> Path:
-    """Run (or resume) every stage up to `until`, then write the report; returns its path."""
+def run(plan: Plan, fresh: bool = False, until: str | None = None,
+        extra: tuple[str, ...] = ()) -> Path:
+    """Run (or resume) every stage up to `until` and the `extra` stages (after eval), then
+    write the report; returns its path."""
     from hibari.quickstart_report import write_report
     prepare_out(plan, fresh)
     todo = STAGES[:STAGES.index(until) + 1] if until else STAGES
-    records = {s: finished(plan, s) for s in STAGES}
+    extra = tuple(s for s in EXTRA_STAGES if s in extra)
+    if extra and "eval" not in todo:
+        raise QuickstartError(f"--with {' '.join(extra)} runs after eval; drop --until {until}")
+    todo += extra
+    shown = STAGES + tuple(s for s in EXTRA_STAGES if s in extra or plan.marker(s).exists())
+    records = {s: finished(plan, s) for s in shown}
     pending = [s for s in todo if records[s] is None]
     guess = estimate(plan) if pending else {}
     if pending:
         print(f"hibari quickstart: {len(pending)} stage(s) to run ({', '.join(pending)}); "
               f"estimated {sum(guess[s] for s in pending) / 60:.1f} min on this machine: "
               + ", ".join(f"{s} {guess[s]:.0f} s" for s in pending), file=sys.stderr)
-    runners = {"data": run_data, "eval": run_eval,
+    runners = {"data": run_data, "eval": run_eval, "judge": run_judge_stage,
+               "slick": run_slick_stage,
                **{m: (lambda p, m=m: run_training(p, m)) for m in MODELS}}
     for i, stage in enumerate(todo, 1):
         if records[stage] is not None:
@@ -445,11 +491,15 @@ def quickstart_main(argv: list[str] | None = None) -> int:
                    help="delete what an earlier quickstart wrote in OUT and start over")
     p.add_argument("--until", choices=STAGES, help="stop after this stage (the report covers "
                    "the stages done so far)")
+    p.add_argument("--with", dest="extra", nargs="+", default=[], choices=EXTRA_STAGES,
+                   help="optional stages after eval: judge (LLM-as-a-judge on the SFT and DPO "
+                   "models, with the judge's bias report), slick (SliCK knowledge categories)")
     args = p.parse_args(argv)
     from hibari.train.cli import setup_logging
     setup_logging()
     try:
-        report = run(load_plan(args.config, args.out), args.fresh, args.until)
+        report = run(load_plan(args.config, args.out), args.fresh, args.until,
+                     tuple(args.extra))
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"\nhibari quickstart: interrupted ({e or 'Ctrl-C'}); rerun the same command to "
               "resume: finished stages are kept", file=sys.stderr)

@@ -23,7 +23,8 @@ from hibari.train.metrics import metric_series, plot_panels
 MODEL_TITLES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO"}
 SECTIONS = ("Stages", "1. Data", "2. Pretraining", "3. Instruction tuning (SFT)",
             "4. Preference optimisation (DPO)", "5. Evaluation", "6. Sample generations",
-            "7. Run each stage alone")
+            "7. Run each stage alone", "8. LLM-as-a-judge (optional stage)",
+            "9. SliCK knowledge probe (optional stage)")
 CHANCE = {"commonsense_qa_sample": 0.2, "piqa_sample": 0.5, "openbookqa_sample": 0.25,
           "mmlu_sample": 0.25, "boolq_sample": 0.5}
 
@@ -259,12 +260,100 @@ def commands_section(plan, records) -> list[Block]:
     if records.get("data"):  # the training commands read the packed shards' seq_len and vocab
         lines += [plan.command(s) for s in plan.models] + [plan.eval_command(m)
                                                           for m in plan.models]
+        lines += [plan.command(s) for s in ("judge", "slick") if s in records]
     else:
         lines.append("# the other commands are listed once the data stage has run")
     return [("h2", SECTIONS[7]),
             ("p", "The quickstart ran these commands' code with these exact arguments; each "
                   "resumes from its directory, and any `--config.FIELD=VALUE` can be changed."),
             ("pre", "\n".join(lines))]
+
+
+def _se(r: dict | None, pct: bool = True) -> str:
+    """A {rate|mean|value, stderr, n} dict as "x ± s.e. (n=N)"."""
+    value = None if not r else next((r[k] for k in ("rate", "mean", "value") if k in r), None)
+    if value is None:
+        return "–"
+    scale, digits = (100, 1) if pct else (1, 3)
+    n = f" (n={r['n']})" if "n" in r else ""
+    return f"{value * scale:.{digits}f} ± {r['stderr'] * scale:.{digits}f}{n}"
+
+
+def judge_section(plan, record) -> list[Block]:
+    blocks: list[Block] = [("h2", SECTIONS[8])]
+    if record is None:
+        return blocks + _not_run("judge")
+    from hibari.evaluation.arena import weak_judge_paragraph
+    r = record["result"]
+    prompts = ", ".join(f"{p['n']} {p['category']}" for p in r["prompts"].values())
+    blocks.append(("p", f"Judge `{r['judge']['name']}` ({r['judge']['checkpoint']}); the SFT and "
+                        f"DPO models answered {prompts} prompts (greedy, cached in "
+                        f"`{plan.dir('judge')}/answers/`). Each pair was judged in both orders; "
+                        "a model wins a prompt only if preferred in both, else a tie. Ratings: "
+                        "Bradley-Terry on the Elo scale with 95% bootstrap intervals. Full "
+                        f"tables and every judgment: `{plan.dir('judge')}/report.md`, "
+                        "`samples/`."))
+    rows = []
+    for mode, table in r["pairwise"].items():
+        for row in table["ratings"]:
+            rows.append([mode, row["model"], f"{row['bt']:.0f} [{row['bt_lo']:.0f}, "
+                         f"{row['bt_hi']:.0f}]" if row["bt_lo"] is not None else
+                         f"{row['bt']:.0f}", f"{row['wins']}/{row['ties']}/{row['losses']}",
+                         _se({"rate": row["win_rate"], "stderr": row["win_rate_stderr"]})])
+    blocks.append(("table", ["reference answer shown", "model", "Bradley-Terry rating [95% CI]",
+                             "wins/ties/losses", "win rate % ± s.e."], rows))
+    bias, rows = r["bias"], []
+    for mode, p in bias["position"].items():
+        rows.append([f"position consistency ({mode} reference)", _se(p["consistency"]),
+                     "100%: the verdict survives swapping the answers"])
+        rows.append([f"first answer preferred ({mode} reference)", _se(p["first_position_rate"]),
+                     "50%"])
+    if bias.get("verbosity"):
+        rows.append(["padded answer wins (repetition added)",
+                     _se(bias["verbosity"]["padded_win_rate"]), "0%"])
+    se = bias["self_enhancement"]
+    if se.get("measured"):
+        for mode, m in se["modes"].items():
+            rows.append([f"judge picks its own answer, equally correct pairs ({mode} reference)",
+                         _se(m["own_pick_equally_correct"]), "50%"])
+    else:
+        rows.append(["self-enhancement", se.get("why", "not measured"), ""])
+    for mode, cats in bias["grading_accuracy"].items():
+        for cat, g in (cats or {}).items():
+            rows.append([f"picks the correct answer, {cat} ({mode} reference)",
+                         _se(g["picks_correct"]), "100% (chance 50%)"])
+    blocks.append(("table", ["judge bias measure", "% ± s.e. (n)", "an unbiased judge"], rows))
+    blocks.append(("p", weak_judge_paragraph(r)))
+    return blocks
+
+
+def slick_section(plan, record) -> list[Block]:
+    blocks: list[Block] = [("h2", SECTIONS[9])]
+    if record is None:
+        return blocks + _not_run("slick")
+    s = record["result"]["summary"]
+    c = record["result"]["meta"]["config"]
+    blocks.append(("p", f"SliCK (Gekhman et al. 2024) on the {s['facts']} NQ-open facts of "
+                        f"`{c['facts']['path']}` for the `{plan.qc.slick.model}` model: "
+                        f"{c['n_prompts']} few-shot prompts of {c['k']} exemplars per fact, a "
+                        f"greedy answer and {c['samples']} samples at T={c['temperature']} per "
+                        f"prompt; correct = {s['match']} match. HighlyKnown: every greedy answer "
+                        "right; MaybeKnown: some; WeaklyKnown: none greedy, some sampled; "
+                        f"Unknown: none. Per fact: `{plan.dir('slick')}/samples/slick.jsonl`."))
+    rows = [[cat, str(t["n"]), _se(t["share"]), _se(t["p_correct_greedy"]),
+             _se(t["p_correct_sampled"])] for cat, t in s["per_category"].items()]
+    blocks.append(("table", ["category", "facts", "share % ± s.e.", "P_correct(T=0) %",
+                             "P_correct(T>0) %"], rows))
+    png = plan.dir("slick") / "slick.png"
+    if png.exists():
+        blocks.append(("img", png, "SliCK category shares"))
+    counts = s["counts"]
+    blocks.append(("p", f"{counts['Unknown']} of {s['facts']} facts are Unknown to this model and "
+                        f"{counts['HighlyKnown'] + counts['MaybeKnown']} known (greedy answer "
+                        "right at least once). The categories are what SliCK is for: the paper "
+                        "finds fine-tuning examples of Unknown facts are learned slowly and, "
+                        "once learned, raise hallucination on the known ones."))
+    return blocks
 
 
 def build(plan, records: dict[str, Any]) -> list[Block]:
@@ -274,7 +363,9 @@ def build(plan, records: dict[str, Any]) -> list[Block]:
             training_section(plan, "sft", records["sft"], SECTIONS[3]) +
             training_section(plan, "dpo", records["dpo"], SECTIONS[4]) +
             eval_section(plan, records["eval"]) + generations_section(plan, records["eval"]) +
-            commands_section(plan, records))
+            commands_section(plan, records) +
+            (judge_section(plan, records["judge"]) if "judge" in records else []) +
+            (slick_section(plan, records["slick"]) if "slick" in records else []))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,12 @@ def test_unigram_baseline_matches_brute_force(tmp_path):
         pytest.approx(expected, rel=1e-9)
 
 
+def test_optional_stages_run_after_eval_only(tmp_path):
+    from hibari.quickstart import run
+    with pytest.raises(QuickstartError, match="--with judge runs after eval"):
+        run(load_plan(CI_CONFIG, tmp_path / "qs"), until="sft", extra=("judge",))
+
+
 def test_report_renders_before_anything_ran(tmp_path):
     from hibari.quickstart_report import write_report
     plan = load_plan(CI_CONFIG, tmp_path)
@@ -184,8 +190,8 @@ def test_quickstart_end_to_end_interrupt_resume_and_report(tmp_path):
     assert all(s in md for s in SECTIONS) and "Not run yet" in md
     before = _snapshot(out, ("data", "pretrain", "sft"))
 
-    # 3. The rest: earlier stages untouched.
-    r = _quickstart(out)
+    # 3. The rest, with the optional judge and SliCK stages: earlier stages untouched.
+    r = _quickstart(out, "--with", "judge", "slick")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == f"hibari quickstart: report at {out / 'report.md'}"
     assert _snapshot(out, ("data", "pretrain", "sft")) == before
@@ -197,6 +203,12 @@ def test_quickstart_end_to_end_interrupt_resume_and_report(tmp_path):
     assert "| unigram baseline |" in md and "| DPO |" in md
     assert md.count("**pretrained**") == len(_ci_prompts())
     assert "hibari dpo --config configs/dpo/pairs.py:dpo" in md
+    assert "## 8. LLM-as-a-judge" in md and "## 9. SliCK" in md and "position consistency" in md
+    assert "hibari judge --config configs/judge/arena.py:quickstart" in md
+    judged = json.loads((out / "judge" / "results.json").read_text())
+    assert [row["model"] for row in judged["pairwise"]["without"]["ratings"]] != []
+    assert sum(json.loads((out / "slick" / "results.json").read_text())["summary"]["counts"]
+               .values()) == 3
     html = (out / "report.html").read_text()
     assert "<table>" in html and 'src="plots/dpo.png"' in html
     evaluation = json.loads((out / "stages" / "eval.json").read_text())["result"]
