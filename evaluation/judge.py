@@ -192,60 +192,71 @@ class LMJudge:
 
 @functools.lru_cache(maxsize=None)
 def _last_position_scorer():
-    """A jitted (cfg, params, inputs[b, t], segments[b, t], last[b], option_ids[b, k]) ->
-    log p(option)[b, k] at each row's last input position (the logits of that position only)."""
+    """A jitted (cfg, params, inputs[b, t], segments[b, t], last[b], prefix_ids[b, m],
+    option_ids[b, k]) -> log p(prefix + option)[b, k]: the inputs end with the m prefix tokens
+    at `last`; only the logits of the last m + 1 positions are computed."""
     import jax
     import jax.numpy as jnp
 
     from hibari.model import hidden, unembed
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(cfg, params, inputs, segments, last, option_ids):
+    def run(cfg, params, inputs, segments, last, prefix_ids, option_ids):
+        m = prefix_ids.shape[1]
         h = hidden(cfg, params, inputs, segments)
-        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-        logits = unembed(cfg, params, h_last).astype(jnp.float32)
-        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), option_ids, axis=-1)
+        pos = last[:, None] + jnp.arange(-m, 1)[None, :]  # predict prefix[0..m-1], option
+        hs = jnp.take_along_axis(h, pos[:, :, None], axis=1)
+        logp = jax.nn.log_softmax(unembed(cfg, params, hs).astype(jnp.float32), axis=-1)
+        prefix = jnp.take_along_axis(logp[:, :m], prefix_ids[:, :, None], axis=-1)[..., 0]
+        return prefix.sum(-1)[:, None] + jnp.take_along_axis(logp[:, m], option_ids, axis=-1)
     return run
 
 
 def option_logprobs(lm, contexts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
     """log p(option | context) for every context and option, as `lm.loglikelihood` computes it
-    (same tokenization, same left truncation to `lm.max_len`). When every option is one token
-    after the context (`encode_pair`), each context is one row and one forward pass scores all
-    options at its last position; otherwise one loglikelihood request per (context, option)."""
+    (same tokenization, same left truncation to `lm.max_len`). When the options' tokens after
+    a context differ only in their last token (" A" / " B"; " 1" ... " 9" as "▁" + digit),
+    each context is one row: one forward pass over context + the shared tokens scores every
+    option. Otherwise one loglikelihood request per (context, option)."""
     import numpy as np
 
     from hibari.evaluation.loglikelihood import WIDTH_MULTIPLE
     tok = lm.tokenizer
-    fast, rows = True, []
+    rows = []
     for c in contexts:
         encoded = [tok.encode_pair(c, o) for o in options]
-        if any(len(cont) != 1 or ctx != encoded[0][0] for ctx, cont in encoded):
-            fast = False
+        ctx, first = encoded[0]
+        shared = list(first[:-1])
+        if any(e[0] != ctx or list(e[1][:-1]) != shared or len(e[1]) != len(first)
+               for e in encoded):
+            rows = None
             break
-        rows.append((encoded[0][0][-lm.max_len:], [cont[0] for _, cont in encoded]))
-    if not fast:
+        rows.append(((list(ctx) + shared)[-lm.max_len:], shared, [e[1][-1] for e in encoded]))
+    if rows is None:
         flat = lm.loglikelihood([(c, o) for c in contexts for o in options])
         k = len(options)
         return [[lp for lp, _, _ in flat[i * k:(i + 1) * k]] for i in range(len(contexts))]
     run = _last_position_scorer()
     out: list = [None] * len(rows)
-    by_width: dict[int, list[int]] = {}
-    for i, (ids, _) in enumerate(rows):
-        by_width.setdefault(-(-len(ids) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, []).append(i)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (ids, shared, _) in enumerate(rows):
+        width = -(-len(ids) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        groups.setdefault((width, len(shared)), []).append(i)
     b = lm.batch_size
-    for width, members in sorted(by_width.items()):
+    for (width, m), members in sorted(groups.items()):
         for start in range(0, len(members), b):
             chunk = members[start:start + b]
             inputs = np.full((b, width), tok.pad_id, np.int32)
             segments = np.zeros((b, width), np.int32)
-            last = np.zeros((b,), np.int32)
+            last = np.full((b,), m, np.int32)  # padding rows: any in-range position
+            prefix_ids = np.zeros((b, m), np.int32)
             option_ids = np.zeros((b, len(options)), np.int32)
             for r, i in enumerate(chunk):
-                ids, opts = rows[i]
+                ids, shared, opts = rows[i]
                 inputs[r, :len(ids)], segments[r, :len(ids)] = ids, 1
-                last[r], option_ids[r] = len(ids) - 1, opts
-            logp = np.asarray(run(lm.cfg, lm.params, inputs, segments, last, option_ids))
+                last[r], prefix_ids[r], option_ids[r] = len(ids) - 1, shared, opts
+            logp = np.asarray(run(lm.cfg, lm.params, inputs, segments, last, prefix_ids,
+                                  option_ids))
             for r, i in enumerate(chunk):
                 out[i] = [float(x) for x in logp[r]]
     return out

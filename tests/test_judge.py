@@ -1,6 +1,7 @@
 """`hibari judge` (evaluation/arena.py, evaluation/judge.py): scripted judges with known
 behaviour through the pipeline's own functions, the label scorer against lm.loglikelihood, and
 the pipeline end to end on a tiny random model (answer and judgment caches, CLI, errors)."""
+import dataclasses
 import json
 import math
 import shutil
@@ -303,12 +304,17 @@ def test_option_logprobs_equal_loglikelihood(tiny):
     lm = load_lm(tiny, batch_size=3)
     contexts = ["Which is better? The better answer is Answer",
                 "short", "x " * 300 + "end"]  # the last one is cut from the left
-    for options in ([" A", " B"], [" 1", " 2", " 10"]):  # one token each; several tokens
-        got = J.option_logprobs(lm, contexts, options)
+    # one token each; a shared "▁" then one token each; different lengths (the fallback)
+    for options in ([" A", " B"], [" 1", " 2", " 3"], [" 1", " 10"]):
         want = [[lp for lp, _, _ in lm.loglikelihood([(c, o)])] for c in contexts
                 for o in options]
+        fast = dataclasses.replace(lm)
+        if options != [" 1", " 10"]:  # the one-row paths must not call loglikelihood
+            fast.loglikelihood = None
+        got = J.option_logprobs(fast, contexts, options)
         assert np.allclose(np.ravel(got), np.ravel(want), atol=2e-5)
-    assert [len(lm.tokenizer.encode_pair(contexts[0], o)[1]) for o in (" A", " 1")] == [1, 2]
+    assert [len(lm.tokenizer.encode_pair(contexts[0], o)[1]) for o in (" A", " 1", " 10")] \
+        == [1, 2, 3]
 
 
 CONFIG = '''from hibari.configs.judge.arena import quickstart_config
