@@ -789,7 +789,7 @@ def run_judge(config, out: str | Path, *, log: Callable[[str], None] = stderr_lo
         return lambda contexts, options: J.option_logprobs(lm, contexts, options)
 
     scorer = CachedScorer(make_scorer, jdir / f"{judge_key}.jsonl", log,
-                          chunk=8 * plan.judge_batch_size)
+                          chunk=2 * plan.judge_batch_size)
     render = judge_renderer(plan.judge.template)
     base_judge = J.LMJudge(score=scorer.phase("judge"), render=render,
                            pairwise_primer=plan.pairwise_primer, single_primer=plan.single_primer)

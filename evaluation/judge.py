@@ -212,15 +212,14 @@ def _last_position_scorer():
     return run
 
 
-def option_logprobs(lm, contexts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+def option_logprobs(lm, contexts: Sequence[str], options: Sequence[str],
+                    width_multiple: int = 64) -> list[list[float]]:
     """log p(option | context) for every context and option, as `lm.loglikelihood` computes it
     (same tokenization, same left truncation to `lm.max_len`). When the options' tokens after
     a context differ only in their last token (" A" / " B"; " 1" ... " 9" as "▁" + digit),
     each context is one row: one forward pass over context + the shared tokens scores every
     option. Otherwise one loglikelihood request per (context, option)."""
     import numpy as np
-
-    from hibari.evaluation.loglikelihood import WIDTH_MULTIPLE
     tok = lm.tokenizer
     rows = []
     for c in contexts:
@@ -240,7 +239,7 @@ def option_logprobs(lm, contexts: Sequence[str], options: Sequence[str]) -> list
     out: list = [None] * len(rows)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (ids, shared, _) in enumerate(rows):
-        width = -(-len(ids) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        width = -(-len(ids) // width_multiple) * width_multiple
         groups.setdefault((width, len(shared)), []).append(i)
     b = lm.batch_size
     for (width, m), members in sorted(groups.items()):

@@ -336,6 +336,7 @@ def _without_meta(results):
     return {k: v for k, v in results.items() if k != "meta"}
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_cache_reuse_and_errors(tiny, tmp_path, capsys):
     cfg_file = tmp_path / "tiny_judge.py"
     cfg_file.write_text(CONFIG.format(ckpt=str(tiny)))
