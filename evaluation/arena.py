@@ -38,6 +38,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -119,8 +120,10 @@ def _checkpoint(value, field: str) -> str:
                                "a .gguf file")
     path = resolve_path(value)
     if not Path(path).exists():
+        leave_out = (f" or --config.{field.rsplit('.', 1)[0]}.enabled=False"
+                     if field.startswith("contestants.") else "")
         raise InputNotFound(f"config.{field}={value!r}: no such file or directory (relative to "
-                            f"{os.getcwd()}); set --config.{field}=PATH")
+                            f"{os.getcwd()}); set --config.{field}=PATH{leave_out}")
     return str(Path(path).resolve())
 
 
@@ -204,6 +207,9 @@ def check_config(config) -> Plan:
         if not c.get("enabled", True):
             continue
         f = f"contestants.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise JudgeConfigError(f"config.{f}: a contestant's name names its answer files; "
+                                   "use letters, digits, '_', '-' or '.'")
         stop = c.get("stop") or []
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise JudgeConfigError(f"config.{f}.stop={stop!r}: give a list of strings")

@@ -363,9 +363,9 @@ def verbosity_report(verbosity_records: Sequence[dict]) -> dict:
 
 def _points(r: dict, name: str) -> float:
     """1 when `name` won the pair record, 0 when it lost, 0.5 for a tie."""
-    if r["winner"] == "tie":
+    if r["verdict"] == "tie":
         return 0.5
-    return 1.0 if r["winner"] == name else 0.0
+    return 1.0 if r["model_" + r["verdict"]] == name else 0.0
 
 
 def self_enhancement_report(pair_records: Sequence[dict], judge_contestant: str | None,
