@@ -820,7 +820,7 @@ def run_judge(config, out: str | Path, *, log: Callable[[str], None] = stderr_lo
     timings["verbosity"] = round(time.monotonic() - t0, 2)
 
     why_not = ("" if plan.judge_contestant else
-               f"not measured: the judge is not a contestant ({plan.judge_contestant_why})")
+               f"the judge is not a contestant ({plan.judge_contestant_why})")
     results = summarize_judgments(pair_recs, single_recs, verb_recs, names,
                                   plan.judge_contestant, why_not, plan.ratings, plan.low,
                                   plan.high)

@@ -390,12 +390,17 @@ def test_cli_end_to_end_cache_reuse_and_errors(tiny, tmp_path, capsys):
 
     # a changed generation setting regenerates, and says so in one line
     capsys.readouterr()
-    assert hibari.cli.main(argv + ["--config.generation.max_new_tokens=6"]) == 0
+    # (and with self-enhancement switched off, the report says it was not measured and why)
+    assert hibari.cli.main(argv + ["--config.generation.max_new_tokens=6",
+                                   "--config.judge.contestant=none"]) == 0
     err = capsys.readouterr().err
     assert "answers sft: fingerprint changed (generation): regenerating" in err
     third = json.loads((out / "results.json").read_text())
     assert third["meta"]["answers"]["sft"]["generated"] == 3
     assert third["contestants"][0]["generation"]["max_new_tokens"] == 6
+    assert third["bias"]["self_enhancement"]["measured"] is False
+    assert "- not measured: the judge is not a contestant (config.judge.contestant='none')" \
+        in (out / "report.md").read_text()
 
     # a wrong config field: one line naming it and the nearest fields
     assert hibari.cli.main(argv + ["--config.generation.max_new_token=6"]) == 1
