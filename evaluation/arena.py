@@ -1021,8 +1021,11 @@ def markdown_report(results: dict) -> str:
         lines.append("")
     for mode, table in results["single"].items():
         lines += [f"## Single-answer grades, {mode} reference", "",
-                  "Score distribution from the judge's log-likelihood of each label (one scored "
-                  "continuation per label); `chosen` is its argmax.", "",
+                  "Score distribution: the softmax of the judge's log-likelihoods of the labels "
+                  f"{', '.join(repr(' ' + k) for k in next(iter(table.values()))['histogram'])} "
+                  "after the grading prompt (one scored continuation per label; labels that "
+                  "differ only in their last token share one forward pass); `chosen` is its "
+                  "argmax.", "",
                   "| model | expected score ± s.e. (n) | chosen score ± s.e. | histogram of "
                   "chosen | kurtosis |", "|---|---|---|---|---|"]
         for model, s in table.items():
