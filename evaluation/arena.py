@@ -89,29 +89,49 @@ def _need(cfg: dict, field: str) -> Any:
     return node
 
 
-def _template(spec, field: str):
-    from hibari.align.templates import get_template
-    try:
-        return get_template(spec)
-    except UserError as e:
-        raise JudgeConfigError(f"config.{field}: {e}") from None
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """An instruction template as align templates render a prompt (`InstructionTemplate`):
+    `with_input` when the input is non-empty, else `without_input`; both end with the
+    assistant opener. evaluation/ does not import align/: a config turns an align template
+    name into this dict form (`configs/judge/arena.py: template("alpaca_en")`)."""
+    name: str
+    with_input: str  # format string with {instruction} and {input}
+    without_input: str  # format string with {instruction}
+
+    def render(self, instruction: str, input_text: str = "") -> str:
+        input_text = input_text.strip()
+        if input_text:
+            return self.with_input.format(instruction=instruction, input=input_text)
+        return self.without_input.format(instruction=instruction)
 
 
-def template_text(tpl) -> dict:
+def _template(spec, field: str) -> PromptTemplate:
+    """A config's template field -> PromptTemplate; one line naming the field when it is not
+    a {name, with_input, without_input} group with only the allowed placeholders."""
+    import string
+    if not isinstance(spec, dict) or not all(
+            isinstance(spec.get(k), str) for k in ("with_input", "without_input")):
+        raise JudgeConfigError(
+            f"config.{field}={spec!r}: give a group {{name, with_input, without_input}} of "
+            "format strings (configs/judge/arena.py's template('alpaca_en') makes one from an "
+            "align template name)"[:400])
+    for key, allowed in (("with_input", {"instruction", "input"}),
+                         ("without_input", {"instruction"})):
+        try:
+            names = {n for _, n, _, _ in string.Formatter().parse(spec[key]) if n is not None}
+        except ValueError as e:
+            raise JudgeConfigError(f"config.{field}.{key}: not a format string ({e})") from None
+        if not names <= allowed or "instruction" not in names:
+            raise JudgeConfigError(f"config.{field}.{key} has placeholders {sorted(names)}; it "
+                                   f"needs {{instruction}} and may use only {sorted(allowed)}")
+    return PromptTemplate(str(spec.get("name") or "custom"), spec["with_input"],
+                          spec["without_input"])
+
+
+def template_text(tpl: PromptTemplate) -> dict:
     """What a template renders, for fingerprints."""
-    if hasattr(tpl, "with_input"):
-        return {"with_input": tpl.with_input, "without_input": tpl.without_input}
-    return {"chat": tpl.name, "separator": tpl.separator}
-
-
-def render_prompt(tpl, instruction: str, input_text: str = "") -> str:
-    """The prompt text of an instruction (and input) through an align template, up to and
-    including its assistant opener."""
-    from hibari.align.templates import ChatTemplate, as_chat
-    record = {"instruction": instruction, "input": input_text}
-    if isinstance(tpl, ChatTemplate):
-        record = as_chat(record, with_output=False)
-    return "".join(s.text for s in tpl.prompt(record))
+    return {"with_input": tpl.with_input, "without_input": tpl.without_input}
 
 
 def _checkpoint(value, field: str) -> str:
@@ -164,7 +184,7 @@ class ModelSpec:
     name: str
     checkpoint: str
     tokenizer: str | None
-    template: Any
+    template: PromptTemplate
     prefix: str
     stop: tuple[str, ...] = ()
 
@@ -216,7 +236,7 @@ def check_config(config) -> Plan:
         contestants.append(ModelSpec(
             name=name, checkpoint=_checkpoint(c.get("checkpoint"), f"{f}.checkpoint"),
             tokenizer=_tokenizer(c.get("tokenizer"), f"{f}.tokenizer"),
-            template=_template(c.get("template", "alpaca_en"), f"{f}.template"),
+            template=_template(c.get("template"), f"{f}.template"),
             prefix=_prefix(c.get("prefix", "auto"), f"{f}.prefix"), stop=tuple(stop)))
     if len(contestants) < 2:
         raise JudgeConfigError(f"config.contestants: {len(contestants)} enabled; a pairwise "
@@ -225,7 +245,7 @@ def check_config(config) -> Plan:
     judge = ModelSpec(name=str(j.get("name") or "judge"),
                       checkpoint=_checkpoint(j.get("checkpoint"), "judge.checkpoint"),
                       tokenizer=_tokenizer(j.get("tokenizer"), "judge.tokenizer"),
-                      template=_template(j.get("template", "alpaca_en"), "judge.template"),
+                      template=_template(j.get("template"), "judge.template"),
                       prefix=_prefix(j.get("prefix", "auto"), "judge.prefix"))
     names = [c.name for c in contestants]
     chosen = j.get("contestant", "") or ""
@@ -500,7 +520,7 @@ def generate_answers(plan: Plan, prompts: Sequence[dict], out: Path,
             write_atomic(cache_path, "")
             write_atomic(meta_path, json.dumps({"contestant": spec.name, "fingerprint": fp},
                                                indent=1))
-        texts = {p["id"]: render_prompt(spec.template, p["instruction"], p["input"])
+        texts = {p["id"]: spec.template.render(p["instruction"], p["input"])
                  for p in prompts}
         cached = {r["id"]: r["answer"] for r in _read_jsonl(cache_path)
                   if r.get("id") in texts and r.get("prompt") == texts[r["id"]]}
@@ -796,8 +816,7 @@ def run_judge(config, out: str | Path, *, log: Callable[[str], None] = stderr_lo
 
     scorer = CachedScorer(make_scorer, jdir / f"{judge_key}.jsonl", log,
                           chunk=2 * plan.judge_batch_size)
-    render = judge_renderer(plan.judge.template)
-    base_judge = J.LMJudge(score=scorer.phase("judge"), render=render,
+    base_judge = J.LMJudge(score=scorer.phase("judge"), render=plan.judge.template.render,
                            pairwise_primer=plan.pairwise_primer, single_primer=plan.single_primer)
 
     def phase_judge(name: str) -> J.LMJudge:
@@ -852,13 +871,6 @@ def run_judge(config, out: str | Path, *, log: Callable[[str], None] = stderr_lo
         f"({timings['total']:.1f} s; {scorer.scored} judging prompts scored, {scorer.cached} "
         "cached)")
     return results
-
-
-def judge_renderer(template) -> Callable[[str], str]:
-    """The judge's template as `instruction -> prompt text`."""
-    def render(instruction: str) -> str:
-        return render_prompt(template, instruction)
-    return render
 
 
 def write_outputs(out: Path, results: dict, pair_recs, single_recs, verb_recs) -> list[str]:

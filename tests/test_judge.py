@@ -317,12 +317,12 @@ def test_option_logprobs_equal_loglikelihood(tiny):
         == [1, 2, 3]
 
 
-CONFIG = '''from hibari.configs.judge.arena import quickstart_config
+CONFIG = '''from hibari.configs.judge.arena import quickstart_config, template
 
 
 def get_config(arg=""):
     c = quickstart_config({ckpt!r}, {ckpt!r})
-    c.contestants.dpo.template = "minimal"  # the same model, another template
+    c.contestants.dpo.template = template("minimal")  # the same model, another template
     c.prompts.seed.limit, c.prompts.nq.limit, c.prompts.asdiv.limit = 1, 1, 1
     c.generation.max_new_tokens = 4
     c.verbosity.n = 2
@@ -432,3 +432,27 @@ def test_shipped_configs_load_and_name_their_models():
     from hibari.configs.judge.arena import quickstart_config
     g = quickstart_config("a", "b", judge_checkpoint="j.gguf")
     assert g.judge.template.to_dict()["with_input"].startswith("<|im_start|>user")
+
+
+@pytest.mark.parametrize("name", ["alpaca_en", "alpaca_ja", "minimal", "chat"])
+def test_config_templates_render_as_align_renders_them(name):
+    """configs/judge/arena.py's template(name) (evaluation/ may not import align/) renders
+    every prompt exactly as the align template does."""
+    from hibari.align.templates import ChatTemplate, as_chat, get_template
+    from hibari.configs.judge.arena import template
+    tpl, mine = get_template(name), arena._template(template(name).to_dict(), "t")
+    for record in ({"instruction": "Add {x} to 2.", "input": "x = 3"},
+                   {"instruction": "Say hi.", "input": ""}):
+        shown = as_chat(record, with_output=False) if isinstance(tpl, ChatTemplate) else record
+        want = "".join(seg.text for seg in tpl.prompt(shown))
+        assert mine.render(record["instruction"], record["input"]) == want
+
+
+def test_template_field_errors_are_one_line():
+    with pytest.raises(arena.JudgeConfigError, match=r"config\.judge\.template='alpaca_en': "
+                       r"give a group"):
+        arena._template("alpaca_en", "judge.template")
+    with pytest.raises(arena.JudgeConfigError, match=r"with_input has placeholders \['answer', "
+                       r"'instruction'\]"):
+        arena._template({"with_input": "{instruction}{answer}", "without_input": "{instruction}"},
+                        "contestants.x.template")

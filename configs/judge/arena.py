@@ -13,9 +13,10 @@ Fields (evaluation/arena.py reads them):
   prompts.<source>      path, format (seed_tasks | nq_open | asdiv | jsonl), limit (0 = all),
                         category, enabled; prompt ids are "<source>/<index>"
   contestants.<name>    checkpoint (run / params / HF dir or .gguf), tokenizer ("" = beside the
-                        checkpoint), template (an align template name or {name, with_input,
-                        without_input}), prefix (auto | bos | eos | none), stop (extra stop
-                        strings), enabled; in the order this file defines them
+                        checkpoint), template ({name, with_input, without_input}: `template()`
+                        below makes it from an align template name or dict), prefix (auto |
+                        bos | eos | none), stop (extra stop strings), enabled; in the order this
+                        file defines them
   generation            max_new_tokens, temperature, top_k, top_p, seed, batch_size, stop
   judge                 name, checkpoint, tokenizer, template, prefix, batch_size, max_len
                         (0 = the model's), pairwise_primer, single_primer, contestant (the
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from hibari.align.templates import ChatTemplate, as_chat, get_template
+
 VARIANTS = ("smollm2", "quickstart")
 
 # SmolLM2-Instruct's ChatML turn format: <|im_start|> / <|im_end|> are single special tokens of
@@ -42,25 +45,43 @@ CHATML_STOP = ["<|im_end|>"]
 ALPACA_STOP = ["\n### "]  # an Alpaca-tuned model that runs on into a next "### Instruction:"
 
 
+def template(spec) -> ml_collections.ConfigDict:
+    """An align template (a name such as "alpaca_en" or "chat", or a {name, with_input,
+    without_input} dict) as the {name, with_input, without_input} format strings that
+    evaluation/arena.py renders (the evaluation room does not import align/)."""
+    tpl = get_template(spec)
+    mark_i, mark_x = "\x00instruction\x00", "\x00input\x00"
+
+    def prompt(record: dict) -> str:
+        if isinstance(tpl, ChatTemplate):
+            record = as_chat(record, with_output=False)
+        text = "".join(s.text for s in tpl.prompt(record))
+        text = text.replace("{", "{{").replace("}", "}}")
+        return text.replace(mark_i, "{instruction}").replace(mark_x, "{input}")
+    return ml_collections.ConfigDict(dict(
+        name=tpl.name, with_input=prompt({"instruction": mark_i, "input": mark_x}),
+        without_input=prompt({"instruction": mark_i})))
+
+
 def source(path: str, format: str, limit: int = 0, category: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(path=path, format=format, limit=limit,
                                           category=category, enabled=True))
 
 
-def contestant(checkpoint, template, stop=(), tokenizer: str = "", prefix: str = "auto"
+def contestant(checkpoint, template_spec, stop=(), tokenizer: str = "", prefix: str = "auto"
                ) -> ml_collections.ConfigDict:
-    """`checkpoint` may be a FieldReference (several fields naming one file)."""
+    """`checkpoint` may be a FieldReference (several fields naming one file); `template_spec`
+    an align template name or dict (`template`)."""
     c = ml_collections.ConfigDict(dict(tokenizer=tokenizer, prefix=prefix, stop=list(stop),
                                        enabled=True))
     c.checkpoint = checkpoint
-    c.template = template
+    c.template = template(template_spec)
     return c
 
 
 def base_config(seed_tasks: int, nq_open: int, asdiv: int) -> ml_collections.ConfigDict:
     """Prompts, generation, the judging modes and ratings; the contestants and the judge's
-    checkpoint and template (a name or a dict: set once, ml_collections fields keep their type)
-    are the variant's."""
+    checkpoint and template are the variant's."""
     c = ml_collections.ConfigDict()
     c.name = "judge"
     c.prompts = ml_collections.ConfigDict()
@@ -92,7 +113,7 @@ def smollm2_config() -> ml_collections.ConfigDict:
     c.contestants.dpo = contestant("runs/quickstart/dpo", "alpaca_en", ALPACA_STOP)
     c.judge.name = "SmolLM2-135M-Instruct"
     c.judge.checkpoint = c.get_ref("gguf")
-    c.judge.template = SMOLLM2_CHATML
+    c.judge.template = template(SMOLLM2_CHATML)
     return c
 
 
@@ -113,11 +134,11 @@ def quickstart_config(sft_dir: str, dpo_dir: str, judge_checkpoint: str | None =
         gguf = str(judge_checkpoint).endswith(".gguf")
         c.judge.name = "judge"
         c.judge.checkpoint = str(judge_checkpoint)
-        c.judge.template = judge_template or (SMOLLM2_CHATML if gguf else "alpaca_en")
+        c.judge.template = template(judge_template or (SMOLLM2_CHATML if gguf else "alpaca_en"))
     else:
         c.judge.name = "sft"
         c.judge.checkpoint = str(sft_dir)
-        c.judge.template = judge_template or "alpaca_en"
+        c.judge.template = template(judge_template or "alpaca_en")
     return c
 
 
