@@ -47,6 +47,7 @@ def judge_main(argv: list[str]) -> int:
     for mode, pw in results["pairwise"].items():
         top = ", ".join(f"{r['model']} {r['bt']:.0f}" for r in pw["ratings"])
         pos = results["bias"]["position"][mode]["consistency"]
-        print(f"{mode} reference: Bradley-Terry {top}; position consistency "
-              f"{100 * (pos['rate'] or 0):.1f}% (n={pos['n']})")
+        shown = "n/a" if pos["rate"] is None else f"{100 * pos['rate']:.1f}%"
+        print(f"{mode} reference: Bradley-Terry {top}; position consistency {shown} "
+              f"(n={pos['n']} pairs of different answers)")
     return 0
