@@ -38,7 +38,7 @@ import math
 import re
 from typing import Callable, Iterable, Protocol, Sequence
 
-from hibari.base.stats import mean_stderr
+from hibari.base.stats import mean_se, rate
 
 JUDGE_TEMPLATE = (
     "You are comparing two answers to the same question. Reply with the letter of the better "
@@ -310,17 +310,6 @@ def pad_with_repetition(answer: str, times: int = 2) -> str:
 # The bias report over judged records
 # ---------------------------------------------------------------------------------------------
 
-def rate(values: Sequence[float]) -> dict:
-    """{rate, stderr, n} of 0/1 (or fractional) outcomes; rate None when n = 0."""
-    values = [float(v) for v in values]
-    n = len(values)
-    return {"rate": sum(values) / n if n else None, "stderr": mean_stderr(values), "n": n}
-
-
-def mean_se(values: Sequence[float]) -> dict:
-    values = [float(v) for v in values]
-    n = len(values)
-    return {"mean": sum(values) / n if n else None, "stderr": mean_stderr(values), "n": n}
 
 
 def _by_mode(records: Sequence[dict]) -> dict[str, list[dict]]:

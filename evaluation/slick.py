@@ -56,7 +56,7 @@ from typing import Callable, Sequence
 
 from hibari.base.errors import InputNotFound, UserError
 from hibari.base.files import write_atomic
-from hibari.base.stats import mean_stderr
+from hibari.base.stats import rate
 from hibari.evaluation.metrics import exact_match, normalize
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
@@ -314,11 +314,6 @@ def score_record(record: dict, match: str = "exact") -> dict:
 
 # ------------------------------------------------------------------------------------ summary
 
-def _rate(xs: Sequence[float]) -> dict:
-    xs = [float(x) for x in xs]
-    return {"value": sum(xs) / len(xs) if xs else None, "stderr": mean_stderr(xs)}
-
-
 def summarize(records: Sequence[dict], match: str = "exact") -> dict:
     """Category counts and shares (± s.e. over the facts' 0/1 indicators), the per-category
     table and overall accuracies of scored records (`score_record`)."""
@@ -330,32 +325,32 @@ def summarize(records: Sequence[dict], match: str = "exact") -> dict:
         mine = [r for r in records if r[f"category_{match}"] == cat]
         table[cat] = {
             "n": len(mine),
-            "share": _rate([c == cat for c in cats]),
-            "p_correct_greedy": _rate([r[f"p_greedy_{match}"] for r in mine]),
-            "p_correct_sampled": _rate([r[f"p_sampled_{match}"] for r in mine]),
-            "greedy_accuracy_exact": _rate([r["greedy_exact"][0] for r in mine]),
-            "greedy_accuracy_contains": _rate([r["greedy_contains"][0] for r in mine])}
+            "share": rate([c == cat for c in cats]),
+            "p_correct_greedy": rate([r[f"p_greedy_{match}"] for r in mine]),
+            "p_correct_sampled": rate([r[f"p_sampled_{match}"] for r in mine]),
+            "greedy_accuracy_exact": rate([r["greedy_exact"][0] for r in mine]),
+            "greedy_accuracy_contains": rate([r["greedy_contains"][0] for r in mine])}
     return {
         "facts": n, "match": match,
         "counts": {c: table[c]["n"] for c in CATEGORIES},
         "shares": {c: table[c]["share"] for c in CATEGORIES},
         "per_category": table,
         "overall": {
-            "greedy_accuracy_exact": _rate(first["exact"]),
-            "greedy_accuracy_contains": _rate(first["contains"]),
-            "p_correct_greedy": _rate([r[f"p_greedy_{match}"] for r in records]),
-            "p_correct_sampled": _rate([r[f"p_sampled_{match}"] for r in records])},
+            "greedy_accuracy_exact": rate(first["exact"]),
+            "greedy_accuracy_contains": rate(first["contains"]),
+            "p_correct_greedy": rate([r[f"p_greedy_{match}"] for r in records]),
+            "p_correct_sampled": rate([r[f"p_sampled_{match}"] for r in records])},
         "counts_other_match": {c: sum(r[f"category_{m}"] == c for r in records)
                                for m in MATCHES if m != match for c in CATEGORIES},
     }
 
 
 def _pm(rate: dict, pct: bool = True) -> str:
-    if rate["value"] is None:
+    if rate["rate"] is None:
         return "–"
     scale = 100 if pct else 1
     fmt = "{:.1f} ± {:.1f}" if pct else "{:.3f} ± {:.3f}"
-    return fmt.format(rate["value"] * scale, rate["stderr"] * scale)
+    return fmt.format(rate["rate"] * scale, rate["stderr"] * scale)
 
 
 def render_report(results: dict) -> str:
@@ -430,7 +425,7 @@ def plot_slick(summary: dict, records: Sequence[dict], path: str | Path) -> Path
     import matplotlib.pyplot as plt
     path = Path(path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    shares = [summary["shares"][c]["value"] or 0.0 for c in CATEGORIES]
+    shares = [summary["shares"][c]["rate"] or 0.0 for c in CATEGORIES]
     errors = [summary["shares"][c]["stderr"] for c in CATEGORIES]
     left.bar(CATEGORIES, shares, yerr=errors, capsize=4,
              color=["#2b8a3e", "#74b816", "#f59f00", "#c92a2a"])

@@ -270,8 +270,8 @@ def commands_section(plan, records) -> list[Block]:
 
 
 def _se(r: dict | None, pct: bool = True) -> str:
-    """A {rate|mean|value, stderr, n} dict as "x ± s.e. (n=N)"."""
-    value = None if not r else next((r[k] for k in ("rate", "mean", "value") if k in r), None)
+    """A {rate|mean, stderr, n} dict as "x ± s.e. (n=N)"."""
+    value = None if not r else next((r[k] for k in ("rate", "mean") if k in r), None)
     if value is None:
         return "–"
     scale, digits = (100, 1) if pct else (1, 3)

@@ -22,8 +22,10 @@ def parse_sweep_flags(argv: list[str]) -> flags.FlagValues:
     from hibari.base.errors import UsageError
     from hibari.train.cli import parse_flag_values
     fv = flags.FlagValues()
+    # sys_argv: the --config.FIELD overrides are found in this argv, not the process's
     config_flags.DEFINE_config_file("config", None, "sweep config file[:argument]",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True,
+                                    sys_argv=["hibari sweep"] + resolve_config_flag(argv))
     flags.DEFINE_string("workdir", None, "sweep directory: one run directory per member",
                         flag_values=fv)
     flags.DEFINE_integer("parallel", 1, "members trained at once (>1: separate `hibari pretrain` "

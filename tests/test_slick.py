@@ -126,25 +126,25 @@ def test_categories_shares_and_table_against_hand_computation(files):
 
     s = summarize(records, "exact")
     assert s["counts"] == {"HighlyKnown": 2, "MaybeKnown": 1, "WeaklyKnown": 1, "Unknown": 1}
-    assert s["shares"]["HighlyKnown"]["value"] == 0.4
+    assert s["shares"]["HighlyKnown"]["rate"] == 0.4
     assert s["shares"]["HighlyKnown"]["stderr"] == pytest.approx(math.sqrt(0.3 / 5))
     for cat in ("MaybeKnown", "WeaklyKnown", "Unknown"):
-        assert s["shares"][cat]["value"] == 0.2
+        assert s["shares"][cat]["rate"] == 0.2
         assert s["shares"][cat]["stderr"] == pytest.approx(math.sqrt(0.2 / 5))
     t = s["per_category"]
-    assert t["HighlyKnown"]["p_correct_greedy"] == {"value": 1.0, "stderr": 0.0}
-    assert t["HighlyKnown"]["p_correct_sampled"]["value"] == pytest.approx(1 / 12)
+    assert t["HighlyKnown"]["p_correct_greedy"] == {"rate": 1.0, "stderr": 0.0, "n": 2}
+    assert t["HighlyKnown"]["p_correct_sampled"]["rate"] == pytest.approx(1 / 12)
     assert t["HighlyKnown"]["p_correct_sampled"]["stderr"] == pytest.approx(se_of([1 / 6, 0]))
-    assert t["MaybeKnown"]["p_correct_greedy"]["value"] == 0.5
-    assert t["MaybeKnown"]["greedy_accuracy_exact"]["value"] == 1.0  # prompt 0 was right
-    assert t["WeaklyKnown"]["greedy_accuracy_exact"]["value"] == 0.0
-    assert t["WeaklyKnown"]["greedy_accuracy_contains"]["value"] == 1.0  # "I think it is Au."
-    assert t["Unknown"]["p_correct_sampled"]["value"] == 0.0
+    assert t["MaybeKnown"]["p_correct_greedy"]["rate"] == 0.5
+    assert t["MaybeKnown"]["greedy_accuracy_exact"]["rate"] == 1.0  # prompt 0 was right
+    assert t["WeaklyKnown"]["greedy_accuracy_exact"]["rate"] == 0.0
+    assert t["WeaklyKnown"]["greedy_accuracy_contains"]["rate"] == 1.0  # "I think it is Au."
+    assert t["Unknown"]["p_correct_sampled"]["rate"] == 0.0
     o = s["overall"]
-    assert o["greedy_accuracy_exact"]["value"] == pytest.approx(0.6)
+    assert o["greedy_accuracy_exact"]["rate"] == pytest.approx(0.6)
     assert o["greedy_accuracy_exact"]["stderr"] == pytest.approx(math.sqrt(0.3 / 5))
-    assert o["greedy_accuracy_contains"]["value"] == pytest.approx(0.8)
-    assert o["p_correct_greedy"]["value"] == pytest.approx(2.5 / 5)
+    assert o["greedy_accuracy_contains"]["rate"] == pytest.approx(0.8)
+    assert o["p_correct_greedy"]["rate"] == pytest.approx(2.5 / 5)
     # the lenient criterion: the sentence answers contain "Au", so that fact is HighlyKnown
     assert s["counts_other_match"] == {"HighlyKnown": 3, "MaybeKnown": 1, "WeaklyKnown": 0,
                                        "Unknown": 1}
