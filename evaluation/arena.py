@@ -978,11 +978,14 @@ def weak_judge_paragraph(results: dict) -> str:
     facts = []
     if mode:
         pos = bias["position"][mode]
+        first = pos["first_position_rate"]
+        side = "first"
+        if first.get("rate") is not None and first["rate"] < 0.5:  # name the favoured side
+            side, first = "second", {**first, "rate": 1.0 - first["rate"]}
         facts.append(f"its verdict survives swapping the two answers in only "
-                     f"{_pct(pos['consistency'])} of the pairs (judged without a reference), and "
-                     f"it prefers whichever answer is shown first in "
-                     f"{_pct(pos['first_position_rate'])} of single-order judgments (50% = no "
-                     "position bias)")
+                     f"{_pct(pos['consistency'])} of the pairs (judged {mode} a reference), and "
+                     f"it prefers whichever answer is shown {side} in {_pct(first)} of "
+                     "single-order judgments (50% = no position bias)")
     verb = bias.get("verbosity")
     if verb:
         facts.append(f"an answer padded with repetitions of itself beats the original in both "

@@ -126,6 +126,19 @@ def test_always_first_judge_is_never_consistent():
     assert pos["first_position_rate"]["rate"] == pytest.approx(2 / 6)  # only the 0.7s
 
 
+def test_weak_judge_paragraph_names_the_favoured_position():
+    from hibari.evaluation.arena import weak_judge_paragraph
+    prompts = _prompts()
+    answers = _answers(prompts, {"m1": lambda i: True, "m2": lambda i: False})
+    for p_first, side, pct in ((0.2, "second", "100.0%"), (0.9, "first", "100.0%")):
+        recs = pairwise_records(Scripted(lambda f, s, p=p_first: p), prompts, answers,
+                                ["m1", "m2"], ("with",))
+        text = weak_judge_paragraph({"judge": {"name": "j", "params": 1000},
+                                     "bias": {"position": J.position_report(recs),
+                                              "verbosity": None, "grading_accuracy": {}}})
+        assert f"shown {side} in {pct}" in text and "judged with a reference" in text
+
+
 def test_prefers_longer_judge_has_verbosity_bias_one():
     prompts = _prompts()
     names = ["m1", "m2"]
