@@ -33,6 +33,7 @@ about every 10 s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -719,8 +720,17 @@ def verbosity_records(judge: J.Judge, prompts: Sequence[dict],
 
 # ------------------------------------------------------------------------------------- results
 
-def battles(pair_records: Sequence[dict], mode: str) -> list[tuple[str, str, str]]:
-    return [(r["model_a"], r["model_b"], r["verdict"]) for r in pair_records if r["mode"] == mode]
+def battles(pair_records: Sequence[dict], mode: str, averaged: bool = False
+            ) -> list[tuple[str, str, str]]:
+    """(a, b, outcome) per judged pair of `mode`: the consistent verdict (a tie unless both
+    orders agree), or with `averaged` the side of P(a better) averaged over both orders, which
+    cancels a constant position bias (a tie only at exactly 0.5)."""
+    if not averaged:
+        return [(r["model_a"], r["model_b"], r["verdict"]) for r in pair_records
+                if r["mode"] == mode]
+    return [(r["model_a"], r["model_b"],
+             "a" if r["p_a_better"] > 0.5 else "b" if r["p_a_better"] < 0.5 else "tie")
+            for r in pair_records if r["mode"] == mode]
 
 
 def summarize_judgments(pair_recs: Sequence[dict], single_recs: Sequence[dict],
@@ -732,13 +742,15 @@ def summarize_judgments(pair_recs: Sequence[dict], single_recs: Sequence[dict],
     from hibari.evaluation.ratings import rating_table, win_matrix, win_matrix_markdown
     pairwise = {}
     for mode in dict.fromkeys(r["mode"] for r in pair_recs):
-        bs = battles(pair_recs, mode)
+        bs, avg = battles(pair_recs, mode), battles(pair_recs, mode, averaged=True)
+        table = functools.partial(rating_table, models=list(names),
+                                  rounds=ratings.get("bootstrap_rounds", 1000),
+                                  seed=ratings.get("seed", 0), prior=ratings.get("prior", 0.5),
+                                  k=ratings.get("elo_k", 4.0))
         pairwise[mode] = {
             "pairs": len(bs), "win_matrix": win_matrix(bs, list(names)),
             "win_matrix_markdown": win_matrix_markdown(bs, list(names)),
-            "ratings": rating_table(bs, list(names), rounds=ratings.get("bootstrap_rounds", 1000),
-                                    seed=ratings.get("seed", 0), prior=ratings.get("prior", 0.5),
-                                    k=ratings.get("elo_k", 4.0))}
+            "ratings": table(bs), "ratings_order_averaged": table(avg)}
     return {"pairwise": pairwise,
             "single": J.single_report(single_recs, low, high) if single_recs else {},
             "bias": {"position": J.position_report(pair_recs),
@@ -1004,6 +1016,13 @@ def weak_judge_paragraph(results: dict) -> str:
     return head + "; ".join(facts) + "." + tail
 
 
+def _rating_row(r: dict) -> str:
+    return (f"| {r['model']} | {_num(r['bt'])} [{_num(r['bt_lo'])}, {_num(r['bt_hi'])}] | "
+            f"{_num(r['elo'])} [{_num(r['elo_lo'])}, {_num(r['elo_hi'])}] | "
+            f"{r['wins']}/{r['ties']}/{r['losses']} | {_num(r['win_rate'], 3)} ± "
+            f"{_num(r['win_rate_stderr'], 3)} |")
+
+
 def markdown_report(results: dict) -> str:
     meta = results["meta"]
     judge = results["judge"]
@@ -1029,10 +1048,13 @@ def markdown_report(results: dict) -> str:
                   "", "| model | Bradley-Terry [95% CI] | Elo [95% CI] | W/T/L | win rate "
                   "± s.e. |", "|---|---|---|---|---|"]
         for r in pw["ratings"]:
-            lines.append(f"| {r['model']} | {_num(r['bt'])} [{_num(r['bt_lo'])}, "
-                         f"{_num(r['bt_hi'])}] | {_num(r['elo'])} [{_num(r['elo_lo'])}, "
-                         f"{_num(r['elo_hi'])}] | {r['wins']}/{r['ties']}/{r['losses']} | "
-                         f"{_num(r['win_rate'], 3)} ± {_num(r['win_rate_stderr'], 3)} |")
+            lines.append(_rating_row(r))
+        if pw.get("ratings_order_averaged"):
+            lines += ["", "Order-averaged verdicts (the side of P(better) averaged over both "
+                      "orders; a constant position bias cancels, so fewer ties):", "",
+                      "| model | Bradley-Terry [95% CI] | Elo [95% CI] | W/T/L | win rate "
+                      "± s.e. |", "|---|---|---|---|---|"]
+            lines += [_rating_row(r) for r in pw["ratings_order_averaged"]]
         lines.append("")
     for mode, table in results["single"].items():
         lines += [f"## Single-answer grades, {mode} reference", "",

@@ -126,6 +126,19 @@ def test_always_first_judge_is_never_consistent():
     assert pos["first_position_rate"]["rate"] == pytest.approx(2 / 6)  # only the 0.7s
 
 
+def test_order_averaged_battles_cancel_a_constant_position_bias():
+    from hibari.evaluation.arena import battles
+    prompts = _prompts()[:1]
+    # always prefers the first answer (0.9 / 0.8), a little more when the first is longer
+    recs = pairwise_records(Scripted(lambda f, s: 0.9 if len(f) > len(s) else 0.8), prompts,
+                            {"short": {"seed/0": "x"}, "long": {"seed/0": "x" * 9}},
+                            ["short", "long"], ("without",))
+    assert battles(recs, "without") == [("short", "long", "tie")]
+    # P(short better) = (0.8 + (1 - 0.9)) / 2 = 0.45 < 0.5
+    assert recs[0]["p_a_better"] == pytest.approx(0.45)
+    assert battles(recs, "without", averaged=True) == [("short", "long", "b")]
+
+
 def test_weak_judge_paragraph_names_the_favoured_position():
     from hibari.evaluation.arena import weak_judge_paragraph
     prompts = _prompts()
