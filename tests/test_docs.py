@@ -43,7 +43,7 @@ COMMANDS_SHOWN = shown_commands()
 def test_docs_show_the_main_commands():
     names = {shlex.split(c, comments=True)[1] for _, c in COMMANDS_SHOWN}
     assert {"quickstart", "pretrain", "sft", "dpo", "eval", "data", "sweep", "scaling",
-            "convert", "reward", "ppo", "grpo", "classify"} <= names
+            "convert", "reward", "ppo", "grpo", "classify", "judge", "slick"} <= names
 
 
 @pytest.mark.parametrize("doc,command", COMMANDS_SHOWN,
@@ -57,6 +57,11 @@ def test_shown_command_is_valid(doc, command):
         rest = [a for a in rest if not a.startswith(("--coordinator", "--num_processes",
                                                      "--process_id"))]
         fv = parse_run_flags(name, rest, default_config=RUN_COMMANDS[name])
+        assert fv.config is not None
+    elif name in ("judge", "slick"):  # the flags parse: the config loads, overrides name fields
+        from hibari.evaluation.judge_cli import parse_judge_flags
+        from hibari.evaluation.slick_cli import parse_slick_flags
+        fv = {"judge": parse_judge_flags, "slick": parse_slick_flags}[name](rest)
         assert fv.config is not None
     elif "--config" in rest:
         from hibari.base.config_files import load_python_config
