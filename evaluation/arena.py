@@ -50,6 +50,7 @@ from hibari.base.config_files import resolve_path
 from hibari.base.errors import InputNotFound, UsageError, UserError
 from hibari.base.files import write_atomic
 from hibari.evaluation import judge as J
+from hibari.evaluation.formats import json_records
 
 FORMATS = ("seed_tasks", "nq_open", "asdiv", "jsonl")
 DEFAULT_CATEGORY = {"seed_tasks": "open-ended", "nq_open": "open QA", "asdiv": "math",
@@ -370,22 +371,13 @@ def read_source(name: str, source: dict) -> list[dict]:
     fmt = source["format"]
     category = source.get("category") or DEFAULT_CATEGORY[fmt]
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit and len(prompts) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{where}: not JSON ({e.msg}); one object per line, "
-                                      f"format {fmt!r}") from None
-            p = parse_prompt_row(row, fmt, where)
-            p.update(id=f"{name}/{len(prompts)}", source=name, category=category)
-            p["question"] = p["instruction"] + (f"\n\n{p['input']}" if p["input"] else "")
-            prompts.append(p)
+    for where, _, row in json_records(path):  # a line that is not a JSON object: FormatError
+        if limit and len(prompts) >= limit:
+            break
+        p = parse_prompt_row(row, fmt, where)
+        p.update(id=f"{name}/{len(prompts)}", source=name, category=category)
+        p["question"] = p["instruction"] + (f"\n\n{p['input']}" if p["input"] else "")
+        prompts.append(p)
     if not prompts:
         raise PromptFileError(f"{path}: no prompts read (config.prompts.{name})")
     return prompts

@@ -20,7 +20,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from hibari.base.errors import UserError
 from hibari.data.sources import SourceStats
@@ -78,10 +78,20 @@ def _json_line(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: not valid JSON ({e.msg})") from e
+        raise FormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(record, dict):
         raise FormatError(f"{where}: expected a JSON object per line")
     return record
+
+
+def json_records(path: str | Path) -> Iterator[tuple[str, int, dict]]:
+    """("file:line", line number, object) for each non-empty line of a JSON Lines file (.gz
+    too); a line that is not a JSON object raises FormatError naming it."""
+    path = Path(path)
+    for n, line in enumerate(_open_text(path).splitlines(), 1):
+        if line.strip():
+            where = f"{path}:{n}"
+            yield where, n, _json_line(line, where)
 
 
 def _jsonl(path: Path, parse: Callable[[dict, str, int], dict], strict: bool) -> Examples:

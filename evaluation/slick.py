@@ -155,29 +155,20 @@ def load_facts(path: str | Path, fmt: str = "nq_open", *, where: str = "config.f
     resolved = Path(resolve_path(path))
     if not str(path) or not resolved.is_file():
         raise InputNotFound(f"{where}.path={str(path)!r}: no such file")
+    from hibari.evaluation.formats import json_records
     facts, seen = [], {}
-    with open(resolved, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            facts.append(_fact_row(line, f"{path}:{n}", fmt, f"{resolved.stem}:{n}", n))
-            fid = facts[-1]["id"]
-            if fid in seen:
-                raise SlickError(f"{path}:{n}: id {fid!r} repeats line {seen[fid]}; ids must be "
-                                 "unique")
-            seen[fid] = n
+    for at, n, row in json_records(resolved):  # a line that is not a JSON object: FormatError
+        facts.append(_fact_row(row, at, fmt, f"{resolved.stem}:{n}", n))
+        fid = facts[-1]["id"]
+        if fid in seen:
+            raise SlickError(f"{at}: id {fid!r} repeats line {seen[fid]}; ids must be unique")
+        seen[fid] = n
     if not facts:
         raise SlickError(f"{where}.path={str(path)!r}: the file holds no facts")
     return facts
 
 
-def _fact_row(line: str, at: str, fmt: str, default_id: str, n: int) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise SlickError(f"{at}: not a JSON line ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise SlickError(f"{at}: expected a JSON object with 'question' and 'answer'")
+def _fact_row(row: dict, at: str, fmt: str, default_id: str, n: int) -> dict:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise SlickError(f"{at}: 'question' must be a non-empty string")

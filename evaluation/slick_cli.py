@@ -60,7 +60,7 @@ def slick_main(argv: list[str]) -> int:
     from hibari.evaluation.slick import CATEGORIES, run_slick
     results = run_slick(config, fv.out)
     s = results["summary"]
-    shares = ", ".join(f"{c} {s['counts'][c]} ({100 * s['shares'][c]['value']:.0f}%)"
+    shares = ", ".join(f"{c} {s['counts'][c]} ({100 * s['shares'][c]['rate']:.0f}%)"
                        for c in CATEGORIES)
     acc = s["overall"]["greedy_accuracy_exact"]
     print(f"hibari slick: {s['facts']} facts ({s['match']} match): {shares}; greedy EM "

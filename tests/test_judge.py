@@ -23,6 +23,7 @@ from hibari.evaluation.arena import (
     single_records,
     verbosity_records,
 )
+from hibari.evaluation.formats import FormatError
 
 SOURCES = {
     "seed": {"path": "align/assets/seed_tasks.jsonl", "format": "seed_tasks", "limit": 3,
@@ -96,7 +97,7 @@ def test_bad_prompt_row_names_file_and_line(tmp_path):
     with pytest.raises(PromptFileError, match=r"p\.jsonl:3: 'answer' must be a non-empty list"):
         read_source("x", {"path": str(bad), "format": "nq_open", "limit": 0})
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    with pytest.raises(PromptFileError, match=r"p\.jsonl:2: not JSON"):
+    with pytest.raises(FormatError, match=r"p\.jsonl:2: not valid JSON"):
         read_source("x", {"path": str(bad), "format": "jsonl", "limit": 0})
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import hibari.cli
 from hibari.base.config_files import load_python_config
-from hibari.base.errors import InputNotFound
+from hibari.base.errors import InputNotFound, UserError
 from hibari.base.resources import resource_path
 from hibari.evaluation.metrics import normalize
 from hibari.evaluation.slick import (
@@ -227,13 +227,13 @@ def test_resume_probes_only_missing_facts_and_restarts_on_change(files, tmp_path
 def test_bad_rows_and_fields_name_file_line_or_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     cases = [('{"question": "q", "answer": ["a"]}\n{"question": "q2", "answer": [', "bad.jsonl:2: "
-              "not a JSON line"),
+              "not valid JSON"),
              ('{"question": "q", "answer": "a"}\n', "bad.jsonl:1: 'answer' must be a non-empty "
               "list"),
              ('\n{"answer": ["a"]}\n', "bad.jsonl:2: 'question' must be a non-empty string")]
     for text, message in cases:
         bad.write_text(text)
-        with pytest.raises(SlickError, match=re.escape(message)):
+        with pytest.raises(UserError, match=re.escape(message)):
             load_facts(bad, "nq_open")
     bad.write_text('{"id": 1, "question": "q", "answers": "a"}\n'
                    '{"id": "1", "question": "r", "answer": "b"}\n')
