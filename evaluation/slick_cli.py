@@ -64,7 +64,7 @@ def slick_main(argv: list[str]) -> int:
                        for c in CATEGORIES)
     acc = s["overall"]["greedy_accuracy_exact"]
     print(f"hibari slick: {s['facts']} facts ({s['match']} match): {shares}; greedy EM "
-          f"{100 * acc['value']:.1f} ± {100 * acc['stderr']:.1f}%", file=sys.stderr)
+          f"{100 * acc['rate']:.1f} ± {100 * acc['stderr']:.1f}%", file=sys.stderr)
     print(f"hibari slick: wrote {fv.out}/results.json, report.md, samples/slick.jsonl, slick.png",
           file=sys.stderr)
     return 0
