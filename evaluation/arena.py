@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 from hibari.base.config_files import resolve_path
 from hibari.base.errors import InputNotFound, UsageError, UserError
 from hibari.base.files import write_atomic
+from hibari.base.progress import Progress
 from hibari.evaluation import judge as J
 from hibari.evaluation.formats import json_records
 
@@ -56,7 +57,6 @@ FORMATS = ("seed_tasks", "nq_open", "asdiv", "jsonl")
 DEFAULT_CATEGORY = {"seed_tasks": "open-ended", "nq_open": "open QA", "asdiv": "math",
                     "jsonl": "other"}
 REFERENCE_MODES = {"both": ("without", "with"), "with": ("with",), "without": ("without",)}
-PROGRESS_EVERY_S = 10.0
 ANSWERS_VERSION = 1
 
 
@@ -443,34 +443,6 @@ def judge_fingerprint(plan: Plan) -> dict:
 
 def _key(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------ progress
-
-class Progress:
-    """Plain stderr lines: '<phase>: done/total (rate/s, ETA s)' about every `every` seconds."""
-
-    def __init__(self, phase: str, total: int, log: Callable[[str], None], unit: str = "",
-                 every: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic):
-        self.phase, self.total, self.log, self.unit, self.every = phase, total, log, unit, every
-        self.clock = clock
-        self.done = 0
-        self.start = self.last = clock()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = self.clock()
-        if now - self.last >= self.every and self.done < self.total:
-            self.last = now
-            speed = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / speed if speed else float("inf")
-            self.log(f"{self.phase}: {self.done}/{self.total}{self.unit} ({speed:.1f}/s, "
-                     f"ETA {eta:.0f} s)")
-
-    def finish(self) -> float:
-        seconds = self.clock() - self.start
-        self.log(f"{self.phase}: {self.done}/{self.total}{self.unit} in {seconds:.1f} s")
-        return seconds
 
 
 # ------------------------------------------------------------------------------------- answers

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import sys
 import time
@@ -56,6 +55,7 @@ from typing import Callable, Sequence
 
 from hibari.base.errors import InputNotFound, UserError
 from hibari.base.files import write_atomic
+from hibari.base.progress import Progress
 from hibari.base.stats import rate
 from hibari.evaluation.metrics import exact_match, normalize
 
@@ -526,24 +526,6 @@ def _lm_info(lm) -> dict:
     return info
 
 
-class Progress:
-    """Plain stderr lines every `every` seconds: facts done/total, rate, ETA (no terminal)."""
-
-    def __init__(self, total: int, log, every: float = 10.0, clock=time.monotonic):
-        self.total, self.log, self.every, self.clock = total, log, every, clock
-        self.start = self.last = clock()
-
-    def __call__(self, done: int) -> None:
-        now = self.clock()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else math.inf
-        self.log(f"slick: {done}/{self.total} facts probed, {rate:.2f} facts/s, "
-                 f"ETA {eta:.0f} s")
-
-
 def run_slick(config, out: str | Path, *, log: Callable[[str], None] = _stderr_log,
               lm=None) -> dict:
     """Probe config.checkpoint on the config's facts (see the module docstring); write OUT/
@@ -600,8 +582,10 @@ def run_slick(config, out: str | Path, *, log: Callable[[str], None] = _stderr_l
                 new[record["id"]] = record
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
-            probe(lm, todo, pool, config, on_record=keep,
-                  progress=Progress(len(todo), log, config.progress_every))
+            progress = Progress("slick", len(todo), log, " facts probed",
+                                every=config.progress_every)
+            probe(lm, todo, pool, config, on_record=keep, progress=progress.update)
+            progress.finish()
     probe_s = time.perf_counter() - t0
     raw = {**valid, **new}
     records = [score_record(raw[f["id"]], config.match) for f in selected]

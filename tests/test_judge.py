@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import hibari.cli
+from hibari.base.progress import Progress
 from hibari.base.resources import resource_path
 from hibari.evaluation import arena
 from hibari.evaluation import judge as J
@@ -302,12 +303,20 @@ def test_single_report_histogram_and_kurtosis():
 
 def test_progress_lines_without_a_terminal():
     now, lines = [0.0], []
-    p = arena.Progress("pairwise", 100, lines.append, every=10.0, clock=lambda: now[0])
+    p = Progress("pairwise", 100, lines.append, every=10.0, clock=lambda: now[0])
     for t, n in ((3.0, 10), (10.0, 40), (12.0, 10), (25.0, 40)):
         now[0] = t
         p.advance(n)
     p.finish()
-    assert lines == ["pairwise: 50/100 (5.0/s, ETA 10 s)", "pairwise: 100/100 in 25.0 s"]
+    assert lines == ["pairwise: 50/100 (5/s, ETA 10 s)", "pairwise: 100/100 in 25.0 s"]
+    lines.clear()  # absolute counts (update), a unit, a slow rate
+    p = Progress("slick", 10, lines.append, " facts probed", every=10.0, clock=lambda: now[0])
+    for done, t in ((1, 29.0), (2, 35.5), (3, 37.0), (10, 38.0)):
+        now[0] = t
+        p.update(done)
+    p.finish()
+    assert lines == ["slick: 2/10 facts probed (0.19/s, ETA 42 s)",
+                     "slick: 10/10 facts probed in 13.0 s"]
 
 
 # ------------------------------------------------------------------ a tiny model end to end

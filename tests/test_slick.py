@@ -16,7 +16,6 @@ from hibari.base.resources import resource_path
 from hibari.evaluation.metrics import normalize
 from hibari.evaluation.slick import (
     CATEGORIES,
-    Progress,
     SlickError,
     exemplar_ids,
     load_facts,
@@ -250,16 +249,6 @@ def test_bad_rows_and_fields_name_file_line_or_field(tmp_path):
         with pytest.raises(SlickError, match=re.escape(message)):
             run_slick(make_config(facts, **{field: value}), tmp_path / "o", lm=ScriptedLM())
     assert not (tmp_path / "o").exists()  # nothing written before validation
-
-
-def test_progress_lines_without_a_terminal():
-    now, lines = [0.0], []
-    p = Progress(10, lines.append, every=10.0, clock=lambda: now[0])
-    for done, t in ((1, 4.0), (2, 10.5), (3, 12.0), (10, 13.0)):
-        now[0] = t
-        p(done)
-    assert lines == ["slick: 2/10 facts probed, 0.19 facts/s, ETA 42 s",
-                     "slick: 10/10 facts probed, 0.77 facts/s, ETA 0 s"]
 
 
 @pytest.fixture(scope="module")
