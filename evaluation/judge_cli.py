@@ -16,17 +16,10 @@ USAGE = ("usage: hibari judge --config FILE.py[:variant] --out DIR [--config.FIE
 
 
 def parse_judge_flags(argv: list[str]) -> flags.FlagValues:
-    from ml_collections import config_flags
 
-    from hibari.base.config_files import resolve_config_flag
     from hibari.base.errors import UsageError
-    from hibari.train.cli import parse_flag_values
-    fv = flags.FlagValues()
-    argv = resolve_config_flag(argv)
-    # sys_argv: the --config.FIELD overrides are found in this argv, not the process's
-    config_flags.DEFINE_config_file("config", None, "judge config file[:variant]",
-                                    flag_values=fv, lock_config=True,
-                                    sys_argv=["hibari judge"] + argv)
+    from hibari.train.cli import config_flag_values, parse_flag_values
+    fv, argv = config_flag_values("judge", argv, "judge config file[:variant]")
     flags.DEFINE_string("out", None, "output directory (answers and judgments are cached in it)",
                         flag_values=fv)
     if any(a in ("-h", "--help") for a in argv):

@@ -19,17 +19,9 @@ USAGE = ("usage: hibari slick --config FILE.py[:variant] --checkpoint CKPT --out
 
 
 def parse_slick_flags(argv: list[str]) -> flags.FlagValues:
-    from ml_collections import config_flags
-
-    from hibari.base.config_files import resolve_config_flag
     from hibari.base.errors import UsageError
-    from hibari.train.cli import parse_flag_values
-    fv = flags.FlagValues()
-    argv = resolve_config_flag(argv)
-    # sys_argv: the --config.FIELD overrides are found in this argv, not the process's
-    config_flags.DEFINE_config_file("config", None, "SliCK config file[:variant]",
-                                    flag_values=fv, lock_config=True,
-                                    sys_argv=["hibari slick"] + argv)
+    from hibari.train.cli import config_flag_values, parse_flag_values
+    fv, argv = config_flag_values("slick", argv, "SliCK config file[:variant]")
     flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/<step> dir, params export, HF "
                         "dir or *.gguf file (overrides config.checkpoint)", flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "SentencePiece *.model, tokenizer.json / HF dir or "

@@ -16,16 +16,9 @@ USAGE = ("usage: hibari sweep --config FILE.py[:arg] --workdir DIR [--parallel N
 
 
 def parse_sweep_flags(argv: list[str]) -> flags.FlagValues:
-    from ml_collections import config_flags
-
-    from hibari.base.config_files import resolve_config_flag
     from hibari.base.errors import UsageError
-    from hibari.train.cli import parse_flag_values
-    fv = flags.FlagValues()
-    # sys_argv: the --config.FIELD overrides are found in this argv, not the process's
-    config_flags.DEFINE_config_file("config", None, "sweep config file[:argument]",
-                                    flag_values=fv, lock_config=True,
-                                    sys_argv=["hibari sweep"] + resolve_config_flag(argv))
+    from hibari.train.cli import config_flag_values, parse_flag_values
+    fv, argv = config_flag_values("sweep", argv, "sweep config file[:argument]")
     flags.DEFINE_string("workdir", None, "sweep directory: one run directory per member",
                         flag_values=fv)
     flags.DEFINE_integer("parallel", 1, "members trained at once (>1: separate `hibari pretrain` "
@@ -37,7 +30,7 @@ def parse_sweep_flags(argv: list[str]) -> flags.FlagValues:
         print(__doc__.strip() + "\n\n" + USAGE)
         raise SystemExit(0)
     argv = [a.replace("--dry-run", "--dry_run").replace("--no-report", "--noreport") for a in argv]
-    parse_flag_values(fv, "sweep", resolve_config_flag(argv))
+    parse_flag_values(fv, "sweep", argv)
     if fv.config is None:
         raise UsageError(f"--config FILE.py[:arg] is required\n{USAGE}")
     if not fv.workdir and not fv.dry_run:

@@ -113,6 +113,19 @@ def parse_flag_values(fv: flags.FlagValues, prog: str, argv: list[str],
         raise _flag_error(e, argv, _config_spec(argv) or default_config, config_name) from None
 
 
+def config_flag_values(prog: str, argv: list[str], help_: str
+                       ) -> tuple[flags.FlagValues, list[str]]:
+    """New FlagValues with `--config FILE[:arg]` defined (its `--config.FIELD=VALUE` overrides
+    read from this argv, not the process's), and argv with the config path resolved
+    (`resolve_config_flag`). The caller defines its other flags, then `parse_flag_values`."""
+    from ml_collections import config_flags
+    fv = flags.FlagValues()
+    argv = resolve_config_flag(argv)
+    config_flags.DEFINE_config_file("config", None, help_, flag_values=fv, lock_config=True,
+                                    sys_argv=[f"hibari {prog}"] + argv)
+    return fv, argv
+
+
 def parse_run_flags(prog: str, argv: list[str], default_config: str):
     """Parse `--config FILE[:arg] --config.x=... --workdir DIR`, distributed flags and
     `--allow-tokenizer-mismatch` (fv.allow_tokenizer_mismatch)."""
