@@ -688,11 +688,12 @@ def battles(pair_records: Sequence[dict], mode: str, averaged: bool = False
             ) -> list[tuple[str, str, str]]:
     """(a, b, outcome) per judged pair of `mode`: the consistent verdict (a tie unless both
     orders agree), or with `averaged` the side of P(a better) averaged over both orders, which
-    cancels a constant position bias (a tie only at exactly 0.5)."""
+    cancels a constant position bias (a tie at exactly 0.5, and always for two identical
+    answers, whose P differs from 0.5 only by float rounding)."""
     if not averaged:
         return [(r["model_a"], r["model_b"], r["verdict"]) for r in pair_records
                 if r["mode"] == mode]
-    return [(r["model_a"], r["model_b"],
+    return [(r["model_a"], r["model_b"], "tie" if r.get("identical") else
              "a" if r["p_a_better"] > 0.5 else "b" if r["p_a_better"] < 0.5 else "tie")
             for r in pair_records if r["mode"] == mode]
 

@@ -2,6 +2,7 @@
 behaviour through the pipeline's own functions, the label scorer against lm.loglikelihood, and
 the pipeline end to end on a tiny random model (answer and judgment caches, CLI, errors)."""
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -139,6 +140,12 @@ def test_order_averaged_battles_cancel_a_constant_position_bias():
     # P(short better) = (0.8 + (1 - 0.9)) / 2 = 0.45 < 0.5
     assert recs[0]["p_a_better"] == pytest.approx(0.45)
     assert battles(recs, "without", averaged=True) == [("short", "long", "b")]
+    calls = itertools.count()  # the same text scored twice, 1e-7 apart (float rounding)
+    recs = pairwise_records(Scripted(lambda f, s: 0.8 + 1e-7 * (next(calls) % 2)), prompts,
+                            {"m": {"seed/0": "same"}, "n": {"seed/0": "same"}},
+                            ["m", "n"], ("without",))
+    assert recs[0]["identical"] and recs[0]["p_a_better"] != 0.5
+    assert battles(recs, "without", averaged=True) == [("m", "n", "tie")]
 
 
 def test_weak_judge_paragraph_names_the_favoured_position():
