@@ -210,10 +210,31 @@ def read_tokenizer_record(path: str | os.PathLike) -> dict:
     return record
 
 
+def find_recorded_path(value: str | os.PathLike, run_dir: str | os.PathLike) -> Path | None:
+    """The existing file or directory a path recorded in `run_dir` (config.json, a tokenizer
+    record) names: an absolute path as is; a relative one (older runs recorded paths as given,
+    relative to the folder the run was started from) tried relative to the run directory and
+    each folder above it, then to the working directory, then as a vendored repository path
+    (`align/assets/x`). None when none exists."""
+    from hibari.base.config_files import package_file
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path if path.exists() else None
+    run_dir = Path(os.path.normpath(Path(run_dir).absolute()))
+    for base in (run_dir, *run_dir.parents):
+        if (base / path).exists():
+            return base / path
+    if path.exists():
+        return Path(os.path.normpath(path.absolute()))
+    vendored = package_file(path)
+    return vendored if vendored is not None and vendored.exists() else None
+
+
 def recorded_tokenizer(checkpoint_path: str | os.PathLike) -> dict | None:
     """The tokenizer record of a run directory or of one of its `checkpoints/<step>/` dirs
     (the run dir two levels up); None without one (older runs, params exports, HF dirs,
-    GGUF files)."""
+    GGUF files). A relative recorded path that exists is returned absolute
+    (`find_recorded_path`)."""
     path = Path(checkpoint_path)
     candidates = [path]
     if path.parent.name == "checkpoints":
@@ -222,7 +243,12 @@ def recorded_tokenizer(checkpoint_path: str | os.PathLike) -> dict | None:
         candidates.append(path.parent)
     for run_dir in candidates:
         if (run_dir / TOKENIZER_RECORD).is_file():
-            return read_tokenizer_record(run_dir / TOKENIZER_RECORD)
+            record = read_tokenizer_record(run_dir / TOKENIZER_RECORD)
+            recorded = record.get("path")
+            found = find_recorded_path(recorded, run_dir) if isinstance(recorded, str) else None
+            if found is not None and not os.path.isabs(recorded):
+                record = {**record, "path": str(found)}
+            return record
     return None
 
 

@@ -260,12 +260,16 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
 def tokenizer_for_checkpoint(checkpoint: str | Path) -> EvalTokenizer:
     """Find a checkpoint's tokenizer: an HF dir's tokenizer.json, a GGUF file's own, a run
     dir's config.json `data.tokenizer`, the path in its tokenizer_record.json (pretraining on
-    packed shards), or a tokenizer.model / *.model file beside it."""
-    from hibari.data.tokenizer import TOKENIZER_RECORD, read_tokenizer_record
+    packed shards), or a tokenizer.model / *.model file beside it. Searched in the checkpoint
+    and the three folders above it (a step dir's run dir). A relative recorded path (older
+    runs) is tried relative to the run directory and the folders above it, then the working
+    directory (`hibari.data.tokenizer.find_recorded_path`); one that exists nowhere is named
+    in the error."""
+    from hibari.data.tokenizer import TOKENIZER_RECORD, find_recorded_path, read_tokenizer_record
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".gguf":
         return load_gguf_tokenizer(checkpoint)
-    looked = []
+    looked, missing = [], []
     for d in (checkpoint, *list(checkpoint.parents)[:3]):
         if (d / "tokenizer.json").is_file():
             return load_hf_tokenizer(d)
@@ -275,18 +279,27 @@ def tokenizer_for_checkpoint(checkpoint: str | Path) -> EvalTokenizer:
                 field = (json.loads(config.read_text()).get("data") or {}).get("tokenizer")
             except (json.JSONDecodeError, AttributeError):
                 field = None
-            if field:
-                p = Path(field)
-                p = p if p.is_absolute() or p.exists() else d / p
-                return load_tokenizer(p)
+            if isinstance(field, str) and field:
+                found = find_recorded_path(field, d)
+                if found is not None:
+                    return load_tokenizer(found)
+                missing.append(f"{config} records data.tokenizer={field!r}")
         if (d / TOKENIZER_RECORD).is_file():
             recorded = read_tokenizer_record(d / TOKENIZER_RECORD).get("path")
-            if recorded and Path(recorded).exists():
-                return load_tokenizer(recorded)
+            found = find_recorded_path(recorded, d) if isinstance(recorded, str) else None
+            if found is not None:
+                return load_tokenizer(found)
+            if recorded:
+                missing.append(f"{d / TOKENIZER_RECORD} records {recorded!r}")
         models = sorted(d.glob("*.model"))
         if models:
             return SentencePieceTokenizer(models[0])
         looked.append(str(d))
+    if missing:
+        raise TokenizerError(
+            f"no tokenizer found for checkpoint {checkpoint}: {'; '.join(missing)}, which does "
+            "not exist (looked relative to the run directory, the folders above it and the "
+            f"working directory {Path.cwd()}); pass --tokenizer PATH/TO/tokenizer.model")
     raise TokenizerError(f"no tokenizer found for checkpoint {checkpoint} (looked in {looked} for "
                          f"tokenizer.json, config.json data.tokenizer, {TOKENIZER_RECORD}, "
                          "*.model); pass --tokenizer")

@@ -5,6 +5,10 @@ Subcommands are registered as "module:function" strings and imported only when r
 `UserError` on bad input; `main` catches it here, once, and prints its message without a
 traceback (exit status 1). A full disk is reported the same way; Ctrl-C before a training loop
 has started exits 130 (once it has started, the loop saves a checkpoint and exits 0).
+
+Logging is set up here for every command (`hibari.train.cli.setup_logging`): hibari's own INFO
+lines and every warning; `--verbose` anywhere on the line (or HIBARI_VERBOSE=1) also shows other
+libraries' INFO lines, such as JAX's backend probing.
 """
 from __future__ import annotations
 
@@ -38,15 +42,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: hibari <command> [options]", "", "commands:"]
+    lines = ["usage: hibari [--verbose] <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `hibari <command> --help` for a command's options."]
+    lines += ["", "Run `hibari <command> --help` for a command's options. --verbose (or "
+              "HIBARI_VERBOSE=1) also shows other libraries' INFO lines (JAX, orbax)."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:  # for this command and the processes it starts
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ["HIBARI_VERBOSE"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if as_program:  # Ctrl-C interrupts start-up even where the parent ignored SIGINT (`cmd &`)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     from hibari.base.errors import UserError
+    from hibari.train.cli import setup_logging
+    setup_logging()
     try:
         result = getattr(importlib.import_module(module), func)(rest)
     except UserError as e:

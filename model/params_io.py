@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from hibari.base.errors import UserError
+from hibari.base.errors import InputNotFound, UserError
 from hibari.model.config import ModelConfig
 from hibari.model.transformer import param_shapes
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the config."""
+
+
+class CheckpointNotFound(CheckpointError, InputNotFound):
+    """The checkpoint path given does not exist."""
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -137,8 +141,16 @@ def model_config_of_run(run_dir: Path) -> ModelConfig:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, Path, ModelConfig | None]:
-    """Classify `path` -> (kind, params_dir_or_hf_dir, cfg). kind in {params, step, hf}."""
-    path = Path(path).absolute()
+    """Classify `path` -> (kind, params_dir_or_hf_dir, cfg). kind in {params, step, hf}.
+    A missing path raises CheckpointNotFound ("... does not exist"), naming the working
+    directory a relative path was read from."""
+    given = Path(path)
+    path = given.absolute()
+    if not path.exists():
+        where = "" if given.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise CheckpointNotFound(
+            f"checkpoint {given} does not exist{where}: pass a run directory, a step directory "
+            "(checkpoints/<step>/), a params export or a Hugging Face directory")
     if (path / PARAMS_CONFIG).is_file():
         cfg = ModelConfig.from_dict(json.loads((path / PARAMS_CONFIG).read_text()),
                                     where=str(path / PARAMS_CONFIG))

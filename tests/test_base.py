@@ -78,9 +78,9 @@ def test_every_training_config_extends_the_base_with_the_default_rules():
     (["data", "prepare", "--config", "configs/none.py"], "'configs/none.py' not found"),
     (["data", "pack", "--source", "nonsense", "--tokenizer", "t", "--out", "o", "--seq-len", "8"],
      "write NAME=GLOB"),
-    (["eval", "--checkpoint", "no_such_dir", "--tasks", "piqa_sample"], "is not a checkpoint"),
+    (["eval", "--checkpoint", "no_such_dir", "--tasks", "piqa_sample"], "does not exist"),
     (["generate", "--checkpoint", "no_such_dir", "--prompts", "none.txt"], "no such file"),
-    (["convert", "--to-hf", "no_such_dir", "--out", "o"], "is not a checkpoint"),
+    (["convert", "--to-hf", "no_such_dir", "--out", "o"], "does not exist"),
     (["scaling", "fit", "none.csv", "--out", "o"], "none.csv"),
 ])
 def test_every_command_reports_bad_input_once_without_a_traceback(argv, message, tmp_path,

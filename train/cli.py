@@ -5,11 +5,15 @@
 
 Multi-host: on TPU pods and SLURM clusters `jax.distributed` is initialised automatically;
 elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on each host.
+
+Path-valued config fields (PATH_FIELDS) are made absolute here, at the command line, so the
+run's config.json names the same files from any working directory.
 """
 from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import sys
 
@@ -126,9 +130,79 @@ def config_flag_values(prog: str, argv: list[str], help_: str
     return fv, argv
 
 
+# Config fields that name files or directories, in any run config (configs/base.py and the
+# recipe files): absolute in the resolved config, so config.json holds wherever it is read.
+PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "data.train_path", "init_from",
+               "reference_cache", "reward.model", "bias.path")
+
+
+def absolute_path(value: str, cwd: str | os.PathLike | None = None) -> str:
+    """`value` (relative to `cwd`, default the working directory) made absolute; unchanged when
+    empty, already absolute, a URL (`gs://...`) or a repository path of a vendored file that is
+    not under `cwd` (`align/assets/x`: found in the installed package wherever it is read)."""
+    from hibari.base.config_files import package_file
+    if not value or "://" in value:
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    base = os.path.abspath(cwd if cwd is not None else os.getcwd())
+    given = os.path.join(base, expanded)
+    vendored = package_file(expanded)
+    if not os.path.exists(given) and vendored is not None and vendored.exists():
+        return value
+    return os.path.normpath(given)
+
+
+def _absolute_value(value, cwd):
+    import ml_collections
+    if isinstance(value, str):
+        return absolute_path(value, cwd)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_absolute_value(v, cwd) for v in value)
+    if isinstance(value, ml_collections.ConfigDict):  # {source name: path}
+        for key in value.keys():
+            value[key] = _absolute_value(value[key], cwd)
+    return value
+
+
+def make_paths_absolute(config, cwd: str | os.PathLike | None = None,
+                        fields: tuple[str, ...] = PATH_FIELDS) -> list[str]:
+    """Set each of `fields` that `config` has (strings, lists of them, {name: path}) to its
+    absolute form (`absolute_path`), in place; returns the dotted names of those changed."""
+    import ml_collections
+    changed = []
+    for field in fields:
+        *parents, last = field.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+            continue
+        before = node[last]
+        before_text = repr(before.to_dict() if isinstance(before, ml_collections.ConfigDict)
+                           else before)
+        after = _absolute_value(before, cwd)
+        if not isinstance(after, ml_collections.ConfigDict):
+            node[last] = after
+        after_text = repr(after.to_dict() if isinstance(after, ml_collections.ConfigDict)
+                          else after)
+        if after_text != before_text:
+            changed.append(field)
+    return changed
+
+
+def run_help(fv: flags.FlagValues) -> str:
+    """The flags part of a run command's --help: absl's text without its own flags and without
+    `(default: 'None')` under flags that have no default."""
+    text = fv.get_help().split("absl.flags:")[0].replace("\n-:\n", "\n", 1)
+    return re.sub(r"\n\s*\(default: 'None'\)", "", text)
+
+
 def parse_run_flags(prog: str, argv: list[str], default_config: str):
     """Parse `--config FILE[:arg] --config.x=... --workdir DIR`, distributed flags and
-    `--allow-tokenizer-mismatch` (fv.allow_tokenizer_mismatch)."""
+    `--allow-tokenizer-mismatch` (fv.allow_tokenizer_mismatch). The config's PATH_FIELDS are
+    made absolute (relative to the working directory: `make_paths_absolute`)."""
     from ml_collections import config_flags
     fv = flags.FlagValues()
     config_name = _config_spec(argv) or default_config
@@ -153,7 +227,7 @@ def parse_run_flags(prog: str, argv: list[str], default_config: str):
                          "from config.data.tokenizer (--allow-tokenizer-mismatch)", flag_values=fv)
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: hibari {prog} --config FILE.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]")
-        print(fv.get_help().split("absl.flags:")[0].replace("\n-:\n", "\n", 1))
+        print(run_help(fv))
         print("Every field of the config file can be overridden, e.g. --config.steps=1000 "
               "--config.mesh.fsdp=8 --config.model.remat=full; the resolved config is saved "
               "to WORKDIR/config.json.")
@@ -165,17 +239,71 @@ def parse_run_flags(prog: str, argv: list[str], default_config: str):
         raise UsageError("--config FILE.py[:arg] is required")
     if not fv.workdir:
         raise UsageError("--workdir is required")
+    make_paths_absolute(fv.config)
     return fv
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
+VERBOSE_ENV = "HIBARI_VERBOSE"
+
+
+def verbose_requested(environ=None) -> bool:
+    """Whether HIBARI_VERBOSE is set to something other than "" or "0" (`hibari --verbose`
+    sets it for the command and the processes it starts)."""
+    value = (os.environ if environ is None else environ).get(VERBOSE_ENV, "")
+    return value.strip() not in ("", "0")
+
+
+def own_or_warning(record: logging.LogRecord) -> bool:
+    """The records shown without --verbose: hibari's own (INFO and up) and every library's
+    warnings and errors; JAX's backend probing and other libraries' INFO lines are not."""
+    name = record.name
+    return (record.levelno >= logging.WARNING or name in ("hibari", "__main__")
+            or name.startswith("hibari."))
+
+
+def setup_logging(verbose: bool | None = None) -> None:
+    """INFO logging to stderr, once per process: hibari's own lines and every warning, plus other
+    libraries' INFO lines (JAX's backend probing, orbax) when `verbose` (default:
+    `verbose_requested()`). A root logger that someone else configured (pytest, a notebook) is
+    left alone; a second call updates the filter of the handler the first one installed."""
+    if verbose is None:
+        verbose = verbose_requested()
+    root = logging.getLogger()
+    mine = [h for h in root.handlers if getattr(h, "hibari_handler", False)]
+    if not mine:
+        if root.handlers:
+            return
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        handler.hibari_handler = True
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        mine = [handler]
+    for handler in mine:
+        for f in list(handler.filters):
+            handler.removeFilter(f)
+        if not verbose:
+            handler.addFilter(own_or_warning)
+    # absl (orbax) is chatty at INFO
+    logging.getLogger("absl").setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
+def synthetic_notice(config) -> str | None:
+    """The line `hibari pretrain` prints when its data are synthetic tokens (None otherwise)."""
+    if config.data.get("kind") != "synthetic":
+        return None
+    return ("hibari pretrain: config.data.kind=synthetic: training on synthetic tokens (a "
+            "deterministic Markov chain), not text: a smoke test of the model and loop; for a "
+            "corpus pass "
+            "--config.data.kind=packed --config.data.path=DIR (README: On a real corpus)")
 
 
 def pretrain_main(argv: list[str]) -> int:
     setup_logging()
     fv = parse_run_flags("pretrain", argv, default_config=None)
+    notice = synthetic_notice(fv.config)
+    if notice:
+        print(notice, file=sys.stderr)
     from hibari.train.distributed import initialize
     initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     from hibari.train.loop import train
