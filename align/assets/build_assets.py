@@ -5,9 +5,10 @@
 Writes (deterministically):
   seed_sft.jsonl     175 instruction triples {id, instruction, input, output}, each instruction
                      phrased FLAN-style by align.templates.flan_instructions("self_instruct")
-  seed_pairs.jsonl   175 synthetic preference pairs {id, prompt: {instruction, input}, chosen,
-                     rejected, rule}: chosen = the task's real output; rejected = a corruption
-                     chosen by a hash of the id (see `rejected_for`)
+  seed_pairs.jsonl   synthetic preference pairs {id, prompt: {instruction, input}, chosen,
+                     rejected, rule} with one rule (RULE_TEXT): chosen = the task's real output;
+                     rejected = the same output stopped before its last word (`rejected_for`);
+                     one pair per seed task whose output has two words or more
   seed_sp.model      a 1,000-piece SentencePiece unigram tokenizer (byte fallback, chat-role
                      tokens) trained on the seed tasks and the templates' text
 """
@@ -24,26 +25,33 @@ from hibari.align.templates import (
     ALPACA_EN,
     ALPACA_JA,
     flan_instructions,
-    phrasing_index,
     seed_task_records,  # noqa: E402
 )
 
-RULES = ("other_task", "truncated", "shuffled")
+RULE = "cut_short"
+RULE_TEXT = ("chosen = the task's real output; rejected = the same output stopped before its last "
+             "word (an unfinished answer), for the outputs of two words or more")
 
 
-def rejected_for(records: list[dict], i: int) -> tuple[str, str]:
-    """(rule, rejected output) for record i: the output of another task (7 tasks further in
-    file order), the first third of the real output's words, or its words in reverse order."""
-    output = records[i]["output"]
-    words = output.split()
-    rule = RULES[phrasing_index(0, records[i]["id"], len(RULES))]
-    if rule == "truncated" and len(words) < 3 or rule == "shuffled" and len(words) < 2:
-        rule = "other_task"
-    if rule == "other_task":
-        return rule, records[(i + 7) % len(records)]["output"]
-    if rule == "truncated":
-        return rule, " ".join(words[:max(1, len(words) // 3)])
-    return rule, " ".join(reversed(words))
+def rejected_for(output: str) -> str | None:
+    """The output stopped before its last whitespace-separated word (trailing space dropped);
+    None when the output has fewer than two words (no pair). The pairs differ only in how the
+    answer ends, so a model can learn the rule from the text: end an answer where it is
+    complete, not mid-sentence."""
+    parts = output.rstrip().rsplit(None, 1)
+    return parts[0].rstrip() if len(parts) == 2 else None
+
+
+def preference_pairs(records: list[dict]) -> list[dict]:
+    """The pairs of `records` (seed tasks as {id, instruction, input, output}) in file order."""
+    pairs = []
+    for r in records:
+        rejected = rejected_for(r["output"])
+        if rejected is not None:
+            pairs.append({"id": r["id"], "prompt": {"instruction": r["instruction"],
+                                                    "input": r["input"]},
+                          "chosen": r["output"], "rejected": rejected, "rule": RULE})
+    return pairs
 
 
 def main() -> None:
@@ -53,12 +61,8 @@ def main() -> None:
         for r in flan_instructions(records, "self_instruct", seed=0):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     with open(HERE / "seed_pairs.jsonl", "w", encoding="utf-8") as f:
-        for i, r in enumerate(records):
-            rule, rejected = rejected_for(records, i)
-            f.write(json.dumps({"id": r["id"], "prompt": {"instruction": r["instruction"],
-                                                          "input": r["input"]},
-                                "chosen": r["output"], "rejected": rejected, "rule": rule},
-                               ensure_ascii=False) + "\n")
+        for pair in preference_pairs(records):
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
     from hibari.data.tokenizer import train_tokenizer
     texts = [{"text": t} for r in records for t in (r["instruction"], r["input"], r["output"])
              if t]
