@@ -20,11 +20,11 @@ RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
                 "classify": "configs/classify/shortcut.py"}
 
 
-def shown_commands() -> list[tuple[str, str]]:
-    """(doc name, command) for each `hibari ...` line of a fenced code block (continuation
-    lines joined; lines with `...` placeholders left out)."""
+def shown_commands(docs=DOCS) -> list[tuple[str, str]]:
+    """(doc name, command) for each `hibari ...` line of a fenced code block of `docs`
+    (continuation lines joined; lines with `...` placeholders left out), in order."""
     out = []
-    for doc in DOCS:
+    for doc in docs:
         for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
             joined = re.sub(r"\\\n\s*", " ", block)
             for line in joined.splitlines():
@@ -79,3 +79,47 @@ def test_config_reference_is_up_to_date():
     from hibari.configs.reference import main
     assert main(["--check", "--out", str(REPO / "docs" / "config_reference.md")]) == 0, \
         "run `python -m hibari.configs.reference` and commit the result"
+
+
+# What `hibari quickstart` (the README's first command) leaves in runs/quickstart.
+QUICKSTART_MAKES = ("runs/quickstart/data", "runs/quickstart/pretrain", "runs/quickstart/sft",
+                    "runs/quickstart/dpo", "runs/quickstart/eval")
+INPUT_FLAGS = ("--checkpoint", "--tokenizer", "--config.init_from", "--config.data.tokenizer",
+               "--config.data.path", "--config.data.eval_path", "--config.reward.model")
+OUTPUT_FLAGS = ("--workdir", "--out")
+
+
+def _flag_values(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    values = []
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name in names:
+            values.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    return values
+
+
+def test_readme_commands_run_in_order_on_what_earlier_ones_made():
+    """Every `runs/...` path a README command reads was made by the quickstart or by a README
+    command above it; no command writes into the quickstart's own runs (except the data command,
+    which finds the quickstart's data finished and reuses it)."""
+    made = set(QUICKSTART_MAKES)
+
+    def was_made(path):
+        return any(path == m or path.startswith(m + "/") for m in made)
+
+    readme = [c for _, c in shown_commands([REPO / "README.md"])]
+    assert any("--checkpoint runs/quickstart/sft" in c for c in readme)
+    for command in readme:
+        argv = shlex.split(command, comments=True)
+        for path in _flag_values(argv, INPUT_FLAGS):
+            assert not path.startswith("runs/") or was_made(path), \
+                f"README.md: `{command[:70]}...` reads {path}, which no command above makes"
+        outputs = _flag_values(argv, OUTPUT_FLAGS)
+        if argv[1:3] == ["data", "prepare"]:
+            outputs.append(_flag_values(argv, ("--config",))[0].split(":", 1)[1])
+        for path in outputs:
+            if argv[1] != "data" and argv[1] != "eval":
+                assert not any(path == m or path.startswith(m + "/")
+                               for m in QUICKSTART_MAKES), \
+                    f"README.md: `{command[:70]}...` writes into the quickstart's {path}"
+            made.add(path)
