@@ -111,11 +111,31 @@ def in_eval_split(example_id: str, fraction: float, seed: int) -> bool:
 
 def split_data(config, load) -> tuple[list, list]:
     """(train, eval) items: eval_path's, or a hashed eval_fraction of train_path's."""
+    train, evaluation, _ = read_splits(config, load)
+    return train, evaluation
+
+
+def read_splits(config, load, notice: bool = True) -> tuple[list, list, dict]:
+    """(train, eval, counts): `split_data`'s items and what reading them kept and dropped:
+    counts = {"train": {read, kept, too_long, malformed, reasons} of train_path, "eval": the
+    same of eval_path (when given), "examples": {"train": n, "eval": n} after the held-out
+    split}. `notice`: log the skipped records, one line per split (once per run)."""
     data = config.data
-    skipped = Skipped()
-    train, _ = load(_paths(data.train_path), skipped)
-    if data.get("eval_path"):
-        evaluation, _ = load(_paths(data.eval_path), skipped)
+    counts: dict[str, Any] = {}
+    splits = [("train", "train_path")] + ([("eval", "eval_path")] if data.get("eval_path")
+                                           else [])
+    items = {}
+    for split, field in splits:
+        skipped = Skipped()
+        items[split], _ = load(_paths(data[field]), skipped)
+        counts[split] = skipped.split_counts(len(items[split]))
+        if notice and skipped.total:
+            log.warning("config.data.%s: skipped %d of %d examples (%d too long, %d malformed): "
+                        "%s", field, skipped.total, counts[split]["read"],
+                        counts[split]["too_long"], counts[split]["malformed"], skipped.summary())
+    train = items["train"]
+    if "eval" in items:
+        evaluation = items["eval"]
     else:
         fraction = data.get("eval_fraction", 0.0)
         held = lambda x: in_eval_split(getattr(x, "group", "") or x.id, fraction, config.seed)
@@ -123,8 +143,9 @@ def split_data(config, load) -> tuple[list, list]:
         train = [x for x in train if not held(x)]
     if not train:
         raise AlignDataError(f"config.data: no training examples left ({data.train_path})")
+    counts["examples"] = {"train": len(train), "eval": len(evaluation)}
     log.info("%d train / %d eval examples", len(train), len(evaluation))
-    return train, evaluation
+    return train, evaluation, counts
 
 
 def local_batch(config) -> int:
@@ -138,7 +159,8 @@ def local_batch(config) -> int:
 def sft_task(config: ml_collections.ConfigDict) -> Task:
     cfg, params = start_params(config)
     encoder, template, seq_len = formatting(config, cfg)
-    train, evaluation = split_data(config, reader(sft.load_examples, encoder, template, seq_len))
+    train, evaluation, counts = read_splits(
+        config, reader(sft.load_examples, encoder, template, seq_len))
 
     def make_loader(split):
         examples = train if split == "train" else evaluation
@@ -148,7 +170,7 @@ def sft_task(config: ml_collections.ConfigDict) -> Task:
                               seed=config.seed, split=split)
 
     return Task(loss_fn=sft.sft_loss_fn(cfg, config.z_loss, config.logits_chunk),
-                base_params=params, make_loader=make_loader)
+                base_params=params, make_loader=make_loader, data_counts=counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +216,11 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
     encoder, template, seq_len = formatting(config, cfg)
     pairs_loader = reader(preference.load_pairs, encoder, template, seq_len)
     if config.loss == "kto":  # unpaired training items; held-out pairs when there are any
-        train_items, _ = split_data(
+        train_items, _, counts = read_splits(
             config, reader(preference.load_unpaired, encoder, template, seq_len))
         eval_pairs = _heldout_pairs(config, pairs_loader)
     else:
-        train_items, eval_pairs = split_data(config, pairs_loader)
+        train_items, eval_pairs, counts = read_splits(config, pairs_loader)
     train_rows = preference.item_rows(train_items, seq_len)
     eval_rows = preference.item_rows(eval_pairs, seq_len) if eval_pairs else None
 
@@ -246,7 +268,8 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
         cfg, config.loss, config.beta, config.label_smoothing, config.kto.desirable_weight,
         config.kto.undesirable_weight, config.logits_chunk)
     return Task(loss_fn=loss_fn, base_params=params, make_loader=make_loader, on_eval=on_eval,
-                frozen_params=_copy(params) if config.reference == "live" else None)
+                frozen_params=_copy(params) if config.reference == "live" else None,
+                data_counts=counts)
 
 
 def heldout_pair_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
@@ -255,7 +278,8 @@ def heldout_pair_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
     as training sees them, and `score(params) -> logps[n, 2]`, the summed log p of their chosen
     and rejected responses (one compiled function for any number of models of shape `cfg`,
     e.g. before and after DPO)."""
-    _, pairs = split_data(config, reader(preference.load_pairs, *formatting(config, cfg)))
+    _, pairs, _ = read_splits(config, reader(preference.load_pairs, *formatting(config, cfg)),
+                              notice=False)  # the training run reported its skipped pairs
     if not pairs:
         raise AlignDataError(f"config.data: no held-out pairs ({config.data.train_path}, "
                              f"eval_fraction={config.data.eval_fraction})")
@@ -272,6 +296,36 @@ def heldout_pair_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
     return [x.id for x in pairs], score
 
 
+def heldout_sft_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
+                       ) -> tuple[list[str], Callable[[Any], tuple[np.ndarray, np.ndarray]]]:
+    """(ids, score): the held-out examples of an SFT config (eval_path, or the hashed
+    eval_fraction of train_path), templated and tokenized exactly as SFT training sees them,
+    and `score(params) -> (nll[n], tokens[n])`: each example's summed negative log p of its
+    response tokens (the tokens SFT's loss counts) and how many there are. One compiled
+    function for any number of models of shape `cfg` (e.g. before and after SFT)."""
+    _, examples, _ = read_splits(config, reader(sft.load_examples, *formatting(config, cfg)),
+                                 notice=False)  # the training run reported its skipped ones
+    if not examples:
+        raise AlignDataError(f"config.data: no held-out examples ({config.data.train_path}, "
+                             f"eval_fraction={config.data.get('eval_fraction')})")
+    mesh = make_mesh(config.mesh.to_dict())
+    rules = normalize_rules(config.rules)
+    fn = preference.logps_fn(cfg, mesh, rules, config.logits_chunk)
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+    # One example per row as segment 1 (segment 2 empty): sequence_logps sums its masked tokens.
+    rows = preference.item_rows([preference.Item(x.id, (x.tokens, x.loss_mask), empty)
+                                 for x in examples], config.data.seq_len)
+    targets = np.array([int(np.asarray(x.loss_mask)[1:].sum()) for x in examples])
+
+    def score(params) -> tuple[np.ndarray, np.ndarray]:
+        placed = jax.device_put(params, logical_shardings(
+            param_axes(cfg), jax.eval_shape(lambda: params), mesh, rules))
+        logps = preference.all_logps(fn, placed, rows, config.data.batch_size, mesh, rules)
+        return -logps[:, 0], targets
+
+    return [x.id for x in examples], score
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward model
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +333,7 @@ def heldout_pair_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
 def reward_task(config: ml_collections.ConfigDict) -> Task:
     cfg, transformer = start_params(config)
     encoder, template, seq_len = formatting(config, cfg)
-    train, evaluation = split_data(
+    train, evaluation, counts = read_splits(
         config, reader(preference.load_pairs, encoder, template, seq_len))
     train_rows = preference.item_rows(train, seq_len)
     eval_rows = preference.item_rows(evaluation, seq_len) if evaluation else None
@@ -317,4 +371,4 @@ def reward_task(config: ml_collections.ConfigDict) -> Task:
         return {"heldout_accuracy": hits / max(total, 1.0)}
 
     return Task(loss_fn=loss_fn, base_params=params, param_axes=reward.reward_param_axes(cfg),
-                make_loader=make_loader, on_eval=on_eval)
+                make_loader=make_loader, on_eval=on_eval, data_counts=counts)

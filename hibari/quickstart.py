@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -40,6 +41,9 @@ EXTRA_STAGES = ("judge", "slick")  # optional, after eval: `--with judge slick`
 # What `--fresh` removes: only what the quickstart writes.
 OWNED = STAGES + EXTRA_STAGES + ("stages", "plots", "report.md", "report.html", "report.json", "quickstart.json")
 STATE_FILE = "quickstart.json"
+# Languages written without spaces between words: word perplexity is meaningless for them
+# (a "word" is a whole sentence); bits per byte is the comparable number.
+UNSEGMENTED = ("ja", "zh", "th")
 
 
 class QuickstartError(UserError, ValueError):
@@ -182,6 +186,7 @@ def mark_finished(plan: Plan, stage: str, seconds: float, result: dict,
     record = {"stage": stage, "config": _section(plan, stage), "seconds": round(seconds, 1),
               "estimate": None if estimate_s is None else round(estimate_s, 1),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result,
+              "loadavg": [round(x, 2) for x in os.getloadavg()],  # machine load at the end
               "command": plan.command(stage) if stage != "eval" else None}
     path = plan.marker(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,9 +307,22 @@ def instruction_prompt(template_name: str, instruction: str) -> str:
     return "".join(s.text for s in get_template(template_name).prompt({"instruction": instruction}))
 
 
-def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str) -> dict:
-    """Harness tasks, held-out pair log-probs (`score_pairs(cfg)` -> (ids, score(params)))
-    and greedy generations through the SFT `template` of one trained model."""
+def without_word_perplexity(result: dict) -> dict:
+    """A harness result of a held-out text task without `word_perplexity` when its language is
+    written without word boundaries (UNSEGMENTED)."""
+    lang = result["task"].split("_", 1)[1] if result["task"].startswith("heldout_") else ""
+    if lang not in UNSEGMENTED:
+        return result
+    drop = lambda d: {k: v for k, v in d.items() if k != "word_perplexity"}
+    return {**result, "metrics": drop(result["metrics"]),
+            "stderr": drop(result.get("stderr") or {})}
+
+
+def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str,
+                   score_sft: Callable | None = None) -> dict:
+    """Harness tasks, held-out pair log-probs (`score_pairs(cfg)` -> (ids, score(params))),
+    the held-out SFT examples' response-token loss (`score_sft(cfg)` -> (ids, score(params)
+    -> (nll, tokens))) and greedy generations through the SFT `template` of one model."""
     import numpy as np
     from tqdm import tqdm
 
@@ -319,13 +337,20 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str)
     results = []
     steps = tqdm(total=len(tasks) + 2, desc=f"eval {model}", dynamic_ncols=True)
     for task in tasks:
-        results.append(evaluate_task(lm, task, limit=qc.eval.limit or None))
+        results.append(without_word_perplexity(
+            evaluate_task(lm, task, limit=qc.eval.limit or None)))
         steps.update(1)
     write_results(out, results, {"checkpoint": str(plan.dir(model)), "command":
                                  plan.eval_command(model)})
     ids, score = score_pairs(lm.cfg)
     logps = score(lm.params)
     np.save(out / "pair_logps.npy", logps)
+    sft_heldout = None
+    if score_sft is not None:
+        sft_ids, sft_score = score_sft(lm.cfg)
+        nll, n_tokens = sft_score(lm.params)
+        sft_heldout = {"ids": sft_ids, "nll": [float(x) for x in nll],
+                       "tokens": [int(x) for x in n_tokens]}
     steps.update(1)
     generations = []
     for kind, prompts in (("text", qc.prompts.text), ("instruction", qc.prompts.instruction)):
@@ -338,7 +363,7 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str)
     summary = {"metrics": {r["task"]: r["metrics"] for r in results},
                "stderr": {r["task"]: r["stderr"] for r in results},
                "n": {r["task"]: r["n"] for r in results},
-               "pairs": {"ids": ids, "logps": logps.tolist()},
+               "pairs": {"ids": ids, "logps": logps.tolist()}, "sft_heldout": sft_heldout,
                "generations": generations, "command": plan.eval_command(model)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
@@ -373,18 +398,21 @@ def run_eval(plan: Plan) -> dict:
     log_p = np.log(unigram_probs(target_counts(str(plan.dir("data") / "packed"),
                                                tokenizer.vocab_size)))
     baseline = {lang: unigram_bpb(log_p, tokenizer, t) for lang, t in texts.items() if t}
-    from hibari.align.tasks import heldout_pair_scorer
+    from hibari.align.tasks import heldout_pair_scorer, heldout_sft_scorer
     dpo_config = plan.train_config("dpo")
-    template = plan.train_config("sft").data.template
-    # The models share one shape: the pairs are tokenized and the scorer compiled once.
+    sft_config = plan.train_config("sft")
+    template = sft_config.data.template
+    # The models share one shape: the pairs / SFT examples are tokenized and the scorers
+    # compiled once.
     score_pairs = functools.lru_cache(lambda cfg: heldout_pair_scorer(dpo_config, cfg))
+    score_sft = functools.lru_cache(lambda cfg: heldout_sft_scorer(sft_config, cfg))
     models = {}
     for model in MODELS:
         path = plan.dir("eval") / model / "summary.json"
         if path.exists():  # finished before an interruption
             models[model] = json.loads(path.read_text())
             continue
-        models[model] = evaluate_model(plan, model, score_pairs, template)
+        models[model] = evaluate_model(plan, model, score_pairs, template, score_sft)
     return {"unigram_bpb": baseline, "models": models}
 
 

@@ -1,22 +1,32 @@
 """The quickstart's `report.md` / `report.html`: numbers per stage, loss curves (PNG), the
-evaluation table, sample generations and the command that reruns each stage alone.
+evaluation table, each stage's measured effect on held-out data (with standard errors), sample
+generations and the command that reruns each stage alone.
 
 The report is a list of blocks rendered twice (markdown and HTML), rebuilt from the stage
 records and run directories on every quickstart run (cheap; nothing is recomputed).
+
+    python -m hibari.quickstart_report --benchmarks runs/quickstart [--file BENCHMARKS.md]
+
+rewrites the quickstart section of BENCHMARKS.md (between BENCH_BEGIN and BENCH_END) from
+OUT/report.json, with the machine's load average during the run.
 """
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hibari.base.errors import InputNotFound, UsageError
+from hibari.base.stats import mean_se, rate
 from hibari.sweep import read_member_metrics
 from hibari.train.metrics import metric_series, plot_panels
 
@@ -27,6 +37,14 @@ SECTIONS = ("Stages", "1. Data", "2. Pretraining", "3. Instruction tuning (SFT)"
             "9. SliCK knowledge probe (optional stage)")
 CHANCE = {"commonsense_qa_sample": 0.2, "piqa_sample": 0.5, "openbookqa_sample": 0.25,
           "mmlu_sample": 0.25, "boolq_sample": 0.5}
+
+LN2 = math.log(2)  # the DPO loss of a model with no preference (reward margin 0)
+# The `rule` field of align/assets/seed_pairs.jsonl (built by align/assets/build_assets.py).
+PAIR_RULES = {"cut_short": "chosen = the seed task's real output, rejected = the same output "
+                           "stopped before its last word (an unfinished answer)"}
+BENCH_BEGIN = "<!-- quickstart-report:begin (written by python -m hibari.quickstart_report " \
+              "--benchmarks OUT; do not edit by hand) -->"
+BENCH_END = "<!-- quickstart-report:end -->"
 
 Block = tuple  # ("h1" | "h2" | "h3" | "p" | "pre", text) | ("table", header, rows) | ("img", path, alt)
 
@@ -43,9 +61,26 @@ def _f(x, digits: int = 4) -> str:
 # Plots
 # ---------------------------------------------------------------------------------------------
 
-def training_plot(plan, stage: str, records: list[dict], unigram: float | None = None
-                  ) -> Path | None:
-    """`records`: the run's metrics.jsonl records (one per step)."""
+def reference_lines(stage: str, unigram: float | None = None, start: float | None = None
+                    ) -> dict:
+    """{panel: {label: y}}: the unigram baseline on pretraining loss, the starting model's
+    held-out loss (`start`) on SFT loss, ln 2 (no preference) on DPO loss, 0.5 (chance) on
+    preference accuracy."""
+    if stage == "dpo":
+        return {"DPO loss, -log sigmoid(reward margin)": {"ln 2: no preference": LN2},
+                "preference accuracy": {"chance 0.5": 0.5}}
+    lines = {}
+    if unigram is not None:
+        lines["unigram baseline, held-out"] = unigram
+    if start is not None:
+        lines["pretrained model, held-out instructions"] = start
+    return {"loss (nats/token)": lines} if lines else {}
+
+
+def training_plot(plan, stage: str, records: list[dict], unigram: float | None = None,
+                  start: float | None = None) -> Path | None:
+    """`records`: the run's metrics.jsonl records (one per step); `start`: the held-out loss
+    of the model the stage started from (a dashed line)."""
     if not records:
         return None
     loss = [("train loss", *metric_series(records, "loss"), "-"),
@@ -56,7 +91,7 @@ def training_plot(plan, stage: str, records: list[dict], unigram: float | None =
         panels.append(("preference accuracy", [
             ("train batch", *metric_series(records, "accuracy"), "-"),
             ("held-out pairs", *metric_series(records, "heldout_accuracy"), "o-")]))
-    hlines = {"loss (nats/token)": {"unigram baseline": unigram}} if unigram else None
+    hlines = reference_lines(stage, unigram, start)
     path = plan.dir("plots") / f"{stage}.png"
     plot_panels(path, f"{MODEL_TITLES[stage]} ({plan.dir(stage)})", panels, hlines)
     return path
@@ -84,6 +119,231 @@ def eval_plot(plan, table: list[dict]) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def effects_plot(plan, effects: dict) -> Path | None:
+    """SFT: held-out response loss per model ± s.e.; DPO: held-out pair accuracies ± s.e.
+    with the 0.5 chance line."""
+    sft, dpo = effects.get("sft"), effects.get("dpo")
+    if not sft and not dpo:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if sft:
+        names = [m for m in ("pretrain", "sft", "dpo") if sft["response_loss"].get(m)]
+        rs = [sft["response_loss"][m] for m in names]
+        axes[0].bar([MODEL_TITLES[m] for m in names], [r["mean"] for r in rs],
+                    yerr=[r["stderr"] for r in rs], capsize=4, color="tab:blue")
+        axes[0].axhline(rs[0]["mean"], color="gray", linestyle="--", linewidth=1,
+                        label="before SFT")
+        lo, hi = (min(r["mean"] - r["stderr"] for r in rs), max(r["mean"] + r["stderr"] for r in rs))
+        axes[0].set_ylim(max(0.0, lo - 0.3 * (hi - lo)), hi + 0.15 * (hi - lo))
+        axes[0].set_ylabel("nats / response token")
+        axes[0].set_title(f"held-out instructions ({rs[0]['n']}), lower is better", fontsize=9)
+        axes[0].legend(fontsize=8)
+    if dpo:
+        bars = [(f"{MODEL_TITLES[m]}\nlog p(c) > log p(r)", dpo["pair_accuracy"][m])
+                for m in ("pretrain", "sft", "dpo") if dpo["pair_accuracy"].get(m)]
+        if dpo.get("reward_accuracy"):
+            bars.append(("DPO implicit\nreward vs SFT", dpo["reward_accuracy"]))
+        axes[1].bar([b[0] for b in bars], [b[1]["rate"] for b in bars],
+                    yerr=[b[1]["stderr"] for b in bars], capsize=4, color="tab:orange")
+        axes[1].axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance 0.5")
+        axes[1].set_ylim(0, 1.05)
+        axes[1].set_ylabel("accuracy on held-out pairs")
+        axes[1].set_title(f"held-out preference pairs ({bars[0][1]['n']})", fontsize=9)
+        axes[1].tick_params(axis="x", labelsize=7)
+        axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = plan.dir("plots") / "effects.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage effects on held-out data
+# ---------------------------------------------------------------------------------------------
+
+def _outcomes(margin: np.ndarray) -> list[float]:
+    """1 where the margin favours chosen, 0 where rejected, 1/2 for a tie (as DPO's
+    `heldout_accuracy` counts)."""
+    return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in np.asarray(margin, float)]
+
+
+def stage_effects(records: dict[str, Any]) -> dict:
+    """Each stage's measured effect on held-out data, from the stage records (nothing is
+    recomputed): {"pretrain": {loss, unigram_loss, bpb: {lang: {model, unigram}}},
+    "sft": {response_loss: {model: mean_se of per-example nats/token}, difference: mean_se of
+    SFT minus pretrained (paired, same examples), token_weighted: {model: x}, bpb: {lang:
+    {pretrain, sft}}}, "dpo": {pair_accuracy: {model: rate}, reward_accuracy: rate,
+    bpb: {lang: {sft, dpo}}}}; a stage that has not run (or predates a measurement) is absent."""
+    effects: dict[str, Any] = {}
+    ev = (records.get("eval") or {}).get("result")
+    models = (ev or {}).get("models", {})
+    bpb = {m: {name.split("_", 1)[1]: v["bits_per_byte"] for name, v in s["metrics"].items()
+               if name.startswith("heldout_")} for m, s in models.items()}
+    pre = (records.get("pretrain") or {}).get("result")
+    if pre:
+        effects["pretrain"] = {"loss": pre.get("eval_loss"),
+                               "unigram_loss": pre.get("unigram_eval_loss")}
+        if ev and "pretrain" in bpb:
+            effects["pretrain"]["bpb"] = {
+                lang: {"model": v, "unigram": ev["unigram_bpb"].get(lang)}
+                for lang, v in bpb["pretrain"].items()}
+    held = {m: s.get("sft_heldout") for m, s in models.items() if s.get("sft_heldout")}
+    if "pretrain" in held and "sft" in held:
+        per = {m: np.asarray(h["nll"]) / np.maximum(np.asarray(h["tokens"]), 1)
+               for m, h in held.items()}
+        effects["sft"] = {
+            "response_loss": {m: mean_se(v) for m, v in per.items()},
+            "difference": mean_se(per["sft"] - per["pretrain"]),
+            "token_weighted": {m: float(np.sum(h["nll"]) / max(np.sum(h["tokens"]), 1))
+                               for m, h in held.items()},
+            "bpb": {lang: {"pretrain": v, "sft": bpb["sft"].get(lang)}
+                    for lang, v in bpb.get("pretrain", {}).items()}}
+    logps = {m: np.asarray(s["pairs"]["logps"]) for m, s in models.items() if s.get("pairs")}
+    if "sft" in logps and "dpo" in logps:
+        ref, pol = logps["sft"], logps["dpo"]
+        effects["dpo"] = {
+            "pair_accuracy": {m: rate(_outcomes(lp[:, 0] - lp[:, 1])) for m, lp in logps.items()},
+            "reward_accuracy": rate(_outcomes((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))),
+            "bpb": {lang: {"sft": v, "dpo": bpb["dpo"].get(lang)}
+                    for lang, v in bpb.get("sft", {}).items()}}
+    return effects
+
+
+def _pm(r: dict | None, digits: int = 3) -> str:
+    """A rate / mean_se dict as "x ± s.e."."""
+    if not r:
+        return "–"
+    value = r["rate"] if "rate" in r else r["mean"]
+    return "–" if value is None else f"{value:.{digits}f} ± {r['stderr']:.{digits}f}"
+
+
+def _above(r: dict, level: float) -> bool:
+    return r["rate"] is not None and r["rate"] - 2 * r["stderr"] > level
+
+
+def effect_sentences(effects: dict) -> list[str]:
+    """Plain statements of each measured effect, saying when a held-out number got worse."""
+    out = []
+    p = effects.get("pretrain")
+    if p and p.get("loss") is not None and p.get("unigram_loss") is not None:
+        out.append(f"Pretraining: held-out loss {p['loss']:.3f} nats/token against "
+                   f"{p['unigram_loss']:.3f} for the unigram baseline"
+                   + (" (below it)." if p["loss"] < p["unigram_loss"] else
+                      ": NOT below the unigram baseline."))
+    s = effects.get("sft")
+    if s:
+        rl, d = s["response_loss"], s["difference"]
+        verdict = ("lower" if d["mean"] + 2 * d["stderr"] < 0 else
+                   "HIGHER (worse)" if d["mean"] - 2 * d["stderr"] > 0 else
+                   "not measurably different (within 2 s.e.)")
+        out.append(f"SFT: response-token loss on {rl['sft']['n']} held-out instructions "
+                   f"{rl['pretrain']['mean']:.3f} → {rl['sft']['mean']:.3f} nats/token "
+                   f"(paired difference {_pm(d)}): {verdict}.")
+        for lang, b in s["bpb"].items():
+            if b["sft"] is not None and b["sft"] > b["pretrain"]:
+                out.append(f"General-text bits/byte ({lang}) rose from {b['pretrain']:.3f} to "
+                           f"{b['sft']:.3f} after SFT: SFT trades general text for "
+                           "instructions.")
+    d = effects.get("dpo")
+    if d:
+        pa, ra = d["pair_accuracy"], d["reward_accuracy"]
+        out.append(f"DPO: on {ra['n']} held-out pairs the implicit reward accuracy against the "
+                   f"SFT reference is {_pm(ra)} (chance 0.5): "
+                   + ("DPO learned the preference rule beyond its training pairs." if
+                      _above(ra, 0.5) else
+                      "not above chance by 2 s.e.; DPO did not measurably generalise to "
+                      "held-out pairs."))
+        sft_acc, dpo_acc = pa["sft"], pa["dpo"]
+        change = ("rose" if dpo_acc["rate"] > sft_acc["rate"] else
+                  "fell" if dpo_acc["rate"] < sft_acc["rate"] else "stayed")
+        out.append(f"Held-out pair accuracy, log p(chosen) > log p(rejected), {change} from "
+                   f"{_pm(sft_acc)} (SFT) to {_pm(dpo_acc)} (DPO)"
+                   + ("." if _above(dpo_acc, 0.5) else
+                      "; it is not above chance by 2 s.e.: the summed log p still favours the "
+                      "rejected answer where it is the shorter one."
+                      if dpo_acc["rate"] <= 0.5 else "; not above chance by 2 s.e."))
+        for lang, b in d["bpb"].items():
+            if b["dpo"] is not None and b["dpo"] > b["sft"]:
+                out.append(f"General-text bits/byte ({lang}) rose from {b['sft']:.3f} to "
+                           f"{b['dpo']:.3f} after DPO.")
+    return out
+
+
+EFFECTS_HEADER = ["stage", "held-out measure", "before", "after", "better"]
+
+
+def effects_rows(effects: dict) -> list[list[str]]:
+    """The rows (EFFECTS_HEADER) of the stage effects table."""
+    rows = []
+    p = effects.get("pretrain")
+    if p:
+        rows.append(["pretraining", "held-out loss, nats/token (unigram baseline)",
+                     _f(p.get("unigram_loss"), 3), _f(p.get("loss"), 3), "lower"])
+    s = effects.get("sft")
+    if s:
+        rl = s["response_loss"]
+        rows.append(["SFT", f"response-token loss on {rl['sft']['n']} held-out instructions, "
+                     "nats/token ± s.e. (pretrained → SFT)", _pm(rl["pretrain"]),
+                     _pm(rl["sft"]), "lower"])
+        rows.append(["SFT", "paired difference SFT − pretrained ± s.e.", "0", _pm(s["difference"]),
+                     "negative"])
+    d = effects.get("dpo")
+    if d:
+        pa = d["pair_accuracy"]
+        rows.append(["DPO", f"held-out pairs ({pa['dpo']['n']}) with log p(chosen) > log "
+                     "p(rejected) ± s.e. (SFT → DPO)", _pm(pa["sft"]), _pm(pa["dpo"]),
+                     "higher; chance 0.5"])
+        rows.append(["DPO", "implicit reward accuracy against the SFT reference ± s.e.",
+                     "0.5 (chance)", _pm(d["reward_accuracy"]), "higher"])
+    return rows
+
+
+def effects_blocks(plan, records, effects: dict) -> list[Block]:
+    """Section 5's table of each stage's effect on held-out data, its statements and plot."""
+    blocks: list[Block] = [("h3", "Stage effects on held-out data")]
+    rows = effects_rows(effects)
+    s, d = effects.get("sft"), effects.get("dpo")
+    if not rows:
+        return blocks + [("p", "*No effect measured yet: the eval stage has not run.*")]
+    blocks.append(("table", EFFECTS_HEADER, rows))
+    rule = dpo_rule(plan) if d else None
+    blocks.append(("p", " ".join(effect_sentences(effects))))
+    text = []
+    if d and rule:
+        text.append(f"Preference pairs: {rule}.")
+    if s:
+        text.append("SFT's held-out examples are the Self-Instruct seed tasks its config holds "
+                    "out (never trained on), templated as in training; the loss counts only "
+                    "response tokens, averaged per example; the standard error of the paired "
+                    "difference is over examples.")
+    if text:
+        blocks.append(("p", " ".join(text)))
+    plot = effects_plot(plan, effects)
+    if plot is not None:
+        blocks.append(("img", plot, "stage effects on held-out data"))
+    return blocks
+
+
+def dpo_rule(plan) -> str | None:
+    """The rule of the DPO stage's pairs (their `rule` field, PAIR_RULES), or None."""
+    try:
+        path = plan.train_config("dpo").data.train_path
+        from hibari.base.config_files import resolve_path
+        rules = {json.loads(line).get("rule") for line in open(resolve_path(path),
+                                                                encoding="utf-8")
+                 if line.strip()}
+    except (OSError, ValueError):  # the pair file moved or is unreadable: no rule to state
+        return None
+    return "; ".join(PAIR_RULES.get(r, str(r)) for r in sorted(rules, key=str))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +410,8 @@ def _final(records: list[dict], key: str):
     return xs[-1] if xs else None
 
 
-def training_section(plan, stage: str, record, title: str, unigram=None) -> list[Block]:
+def training_section(plan, stage: str, record, title: str, unigram=None, start=None
+                     ) -> list[Block]:
     blocks: list[Block] = [("h2", title)]
     if record is None:
         return blocks + _not_run(stage)
@@ -167,11 +428,14 @@ def training_section(plan, stage: str, record, title: str, unigram=None) -> list
             ["final held-out loss", _f(_final(metrics, "eval_loss"))]]
     if unigram is not None:
         rows.append(["unigram baseline, held-out (nats/token)", _f(unigram)])
+    if start is not None:
+        rows.append(["pretrained model's loss on the same held-out instructions", _f(start)])
     if stage == "dpo":
+        rows.append(["DPO loss of no preference (reward margin 0)", _f(LN2)])
         for key in ("heldout_accuracy", "heldout_reward_margin"):
             rows.append([f"final {key.replace('_', ' ')}", _f(_final(metrics, key))])
     blocks.append(("table", ["metric", "value"], rows))
-    plot = training_plot(plan, stage, metrics, unigram)
+    plot = training_plot(plan, stage, metrics, unigram, start)
     if plot is not None:
         blocks.append(("img", plot, f"{stage} loss curves"))
     return blocks
@@ -188,34 +452,37 @@ def eval_rows(result: dict, tasks: list[str]) -> list[dict]:
         row = {"name": MODEL_TITLES[model], "bpb": bpb,
                "acc": {t: s["metrics"][t].get("acc") for t in tasks if t in s["metrics"]},
                "acc_se": {t: s.get("stderr", {}).get(t, {}).get("acc") for t in tasks},
-               "pair_acc": float(np.mean(logps[:, 0] > logps[:, 1])), "reward_acc": None}
+               "pair_acc": rate(_outcomes(logps[:, 0] - logps[:, 1])), "reward_acc": None}
         if model == "dpo" and reference is not None:
             margin = (logps[:, 0] - reference[:, 0]) - (logps[:, 1] - reference[:, 1])
-            row["reward_acc"] = float(np.mean(margin > 0))
+            row["reward_acc"] = rate(_outcomes(margin))
         if model == "sft":
             reference = logps
         rows.append(row)
     return rows
 
 
-def eval_section(plan, record) -> list[Block]:
+def eval_section(plan, record, effects: dict | None = None) -> list[Block]:
     blocks: list[Block] = [("h2", SECTIONS[5])]
     if record is None:
         return blocks + _not_run("eval")
+    blocks += effects_blocks(plan, record, effects or {})
+    blocks.append(("h3", "All held-out measures"))
     result = record["result"]
     tasks = list(plan.qc.eval.tasks)
     table = eval_rows(result, tasks)
     langs = sorted({k for row in table for k in row["bpb"]})
     header = ([f"bits/byte held-out {lang}" for lang in langs] +
               [f"{t} acc (chance {CHANCE[t]})" if t in CHANCE else f"{t} acc" for t in tasks] +
-              ["pairs: log p(chosen) > log p(rejected)", "DPO implicit reward accuracy"])
+              ["pairs: log p(chosen) > log p(rejected) ± s.e.",
+               "DPO implicit reward accuracy ± s.e."])
     rows = []
     for row in table:
         rows.append([row["name"]] + [_f(row["bpb"].get(lang)) for lang in langs] +
                     [_f(row["acc"].get(t)) + (f" ± {_f(row['acc_se'][t])}"
                                               if row.get("acc_se", {}).get(t) else "")
                      for t in tasks] +
-                    [_f(row["pair_acc"]), _f(row["reward_acc"])])
+                    [_pm(row["pair_acc"], 4), _pm(row["reward_acc"], 4)])
     blocks.append(("table", ["model"] + header, rows))
     first = next(iter(result["models"].values()), None)
     if first:
@@ -231,11 +498,23 @@ def eval_section(plan, record) -> list[Block]:
                             "SFT reference (β·log π/π_ref of chosen above rejected); with "
                             f"{len(first['pairs']['ids'])} pairs an accuracy near 0.5 has a "
                             f"standard error of ±{0.5 / math.sqrt(len(first['pairs']['ids'])):.2f}. "
-                            "At this size the multiple-choice scores are near chance and DPO "
-                            "fits its training pairs without generalising to held-out ones: the "
-                            "table shows the pipeline and harness working, not a capable model."))
+                            + mc_sentence(table, tasks) + " Word perplexity is not shown for "
+                            "text written without spaces between words (Japanese; in "
+                            "`eval/<model>/results.md` too): bits per byte is the comparable "
+                            "number."))
     blocks.append(("img", eval_plot(plan, table), "held-out bits per byte"))
     return blocks
+
+
+def mc_sentence(table: list[dict], tasks: list[str]) -> str:
+    """Whether any model's multiple-choice accuracy is above chance by 2 s.e."""
+    above = [f"{row['name']} on {t}" for row in table for t in tasks
+             if t in CHANCE and row["acc"].get(t) is not None
+             and row["acc"][t] - 2 * (row["acc_se"].get(t) or 0) > CHANCE[t]]
+    if above:
+        return "Multiple-choice accuracy above chance by 2 s.e.: " + ", ".join(above) + "."
+    return ("At this size no multiple-choice score is above chance by 2 s.e.: those rows show "
+            "the harness working, not a capable model.")
 
 
 def generations_section(plan, record) -> list[Block]:
@@ -356,13 +635,16 @@ def slick_section(plan, record) -> list[Block]:
     return blocks
 
 
-def build(plan, records: dict[str, Any]) -> list[Block]:
+def build(plan, records: dict[str, Any], effects: dict | None = None) -> list[Block]:
     unigram = (records["pretrain"] or {}).get("result", {}).get("unigram_eval_loss")
+    effects = stage_effects(records) if effects is None else effects
+    start = (effects.get("sft") or {}).get("token_weighted", {}).get("pretrain")
     return (header(plan, records) + data_section(plan, records["data"]) +
             training_section(plan, "pretrain", records["pretrain"], SECTIONS[2], unigram) +
-            training_section(plan, "sft", records["sft"], SECTIONS[3]) +
+            training_section(plan, "sft", records["sft"], SECTIONS[3], start=start) +
             training_section(plan, "dpo", records["dpo"], SECTIONS[4]) +
-            eval_section(plan, records["eval"]) + generations_section(plan, records["eval"]) +
+            eval_section(plan, records["eval"], effects) +
+            generations_section(plan, records["eval"]) +
             commands_section(plan, records) +
             (judge_section(plan, records["judge"]) if "judge" in records else []) +
             (slick_section(plan, records["slick"]) if "slick" in records else []))
@@ -429,12 +711,121 @@ def to_html(blocks: list[Block], root: Path) -> str:
             "\n</body></html>\n")
 
 
+def machine() -> dict:
+    import jax
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
+            "devices": f"{jax.device_count()} {jax.default_backend()}",
+            "python": platform.python_version()}
+
+
 def write_report(plan, records: dict[str, Any]) -> Path:
-    blocks = build(plan, records)
+    """report.md, report.html and report.json (the stage records without their configs under
+    their stage names, plus `effects` (stage_effects), `machine` and `config`)."""
+    effects = stage_effects(records)
+    blocks = build(plan, records, effects)
     md = plan.out / "report.md"
     md.write_text(to_markdown(blocks, plan.out), encoding="utf-8")
     (plan.out / "report.html").write_text(to_html(blocks, plan.out), encoding="utf-8")
-    (plan.out / "report.json").write_text(json.dumps(
-        {s: (r and {k: v for k, v in r.items() if k != "config"}) for s, r in records.items()},
-        indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    doc = {s: (r and {k: v for k, v in r.items() if k != "config"}) for s, r in records.items()}
+    doc.update(effects=effects, machine=machine(), config=plan.qc.name,
+               pair_rule=dpo_rule(plan) if "dpo" in effects else None)
+    (plan.out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False,
+                                                     default=str), encoding="utf-8")
     return md
+
+
+# ---------------------------------------------------------------------------------------------
+# BENCHMARKS.md's quickstart section, from a run's report.json
+# ---------------------------------------------------------------------------------------------
+
+def _md_table(header: list, rows: list[list]) -> str:
+    return "\n".join("| " + " | ".join(_md_cell(c) for c in r) + " |"
+                     for r in [header, ["---"] * len(header)] + rows)
+
+
+def benchmarks_markdown(report: dict, out: str) -> str:
+    """The quickstart section's generated part: stage seconds with the printed estimates and
+    the machine's load average when each stage ended, and the stage effects with their
+    standard errors."""
+    stages = [(s, r) for s, r in report.items()
+              if isinstance(r, dict) and "seconds" in r and "stage" in r]
+    m = report.get("machine", {})
+    loads = [r["loadavg"][0] for _, r in stages if r.get("loadavg")]
+    cpus = m.get("cpus") or 1
+    busy = loads and max(loads) > 0.5 * cpus
+    lines = [f"Generated from `{out}/report.json` (config `{report.get('config')}`) by "
+             f"`python -m hibari.quickstart_report --benchmarks {out}`. Machine: "
+             f"{m.get('machine')}, {m.get('cpus')} CPU cores, Python {m.get('python')}, JAX "
+             f"{m.get('jax')} on {m.get('devices')} device(s)."]
+    if loads:
+        lines.append(f"Load average (1 min) when the stages ended: {min(loads):.2f} to "
+                     f"{max(loads):.2f} on {cpus} cores"
+                     + (": the machine was shared, so these timings are slower than an idle "
+                        "machine's and are not a calibration of the estimate." if busy else
+                        ": an otherwise idle machine."))
+    else:
+        lines.append("The machine's load was not recorded for this run (stage records written "
+                     "before loads were recorded): the timings may not be an idle machine's.")
+    rows = [[s, _f(r["seconds"], 1), _f(r.get("estimate"), 1),
+             _f(r["loadavg"][0], 2) if r.get("loadavg") else "–", r.get("finished", "")]
+            for s, r in stages]
+    rows.append(["**total**", f"**{sum(r['seconds'] for _, r in stages):.1f}**",
+                 _f(sum(r.get("estimate") or 0 for _, r in stages), 1), "", ""])
+    parts = ["\n".join(lines), _md_table(["stage", "seconds", "estimate printed at the start (s)",
+                                          "load average (1 min) at its end", "finished at"],
+                                         rows)]
+    effects = report.get("effects") or {}
+    if effects_rows(effects):
+        parts.append("Stage effects on held-out data (± standard error):")
+        parts.append(_md_table(EFFECTS_HEADER, effects_rows(effects)))
+        text = effect_sentences(effects)
+        if report.get("pair_rule"):
+            text.append(f"Preference pairs: {report['pair_rule']}.")
+        parts.append(" ".join(text))
+    return "\n\n".join(parts)
+
+
+def replace_between_markers(text: str, body: str, where: str) -> str:
+    """`text` with what lies between BENCH_BEGIN and BENCH_END replaced by `body`."""
+    start, end = text.find(BENCH_BEGIN), text.find(BENCH_END)
+    if start < 0 or end < start:
+        raise UsageError(f"{where}: no quickstart markers; add the two lines {BENCH_BEGIN!r} and "
+                         f"{BENCH_END!r} around the generated part of the Quickstart section")
+    return text[:start + len(BENCH_BEGIN)] + "\n\n" + body + "\n\n" + text[end:]
+
+
+def update_benchmarks(out: str | Path, file: str | Path = "BENCHMARKS.md") -> Path:
+    """Rewrite the quickstart section of `file` between the markers from OUT/report.json."""
+    report_path, file = Path(out) / "report.json", Path(file)
+    if not report_path.exists():
+        raise InputNotFound(f"{report_path}: does not exist; run `hibari quickstart --out {out}` "
+                            "first")
+    if not file.exists():
+        raise InputNotFound(f"{file}: does not exist; pass --file BENCHMARKS.md's path")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    body = benchmarks_markdown(report, str(out))
+    file.write_text(replace_between_markers(file.read_text(encoding="utf-8"), body, str(file)),
+                    encoding="utf-8")
+    return file
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hibari.quickstart_report",
+                                description="rewrite BENCHMARKS.md's quickstart section from a "
+                                            "quickstart run's report.json")
+    p.add_argument("--benchmarks", metavar="OUT", required=True,
+                   help="the quickstart's output directory (holds report.json)")
+    p.add_argument("--file", default="BENCHMARKS.md", help="the file to rewrite between the "
+                   "quickstart markers (default: BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    try:
+        path = update_benchmarks(args.benchmarks, args.file)
+    except (InputNotFound, UsageError) as e:
+        print(f"python -m hibari.quickstart_report: {e}", file=sys.stderr)
+        return 2
+    print(f"{path}: quickstart section rewritten from {args.benchmarks}/report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
