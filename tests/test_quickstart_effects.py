@@ -168,3 +168,36 @@ def test_benchmarks_section_rewritten_between_markers(tmp_path, capsys):
     assert "no quickstart markers" in capsys.readouterr().err
     assert main(["--benchmarks", str(tmp_path / "nothing"), "--file", str(bench)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_heldout_sft_scorer_matches_a_per_example_forward_pass():
+    """The held-out SFT examples' response loss equals a brute-force forward pass of each
+    example alone: -sum of log softmax at the response (loss-masked) targets."""
+    import jax
+
+    from hibari.align import sft
+    from hibari.align.tasks import encoder_of, heldout_sft_scorer, split_data
+    from hibari.base.config_files import load_python_config
+    from hibari.model import apply, init
+    from hibari.train.loop import model_config
+    config = load_python_config("configs/sft/instruct.py:alpaca_en", "test")
+    config.model.update(dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                             d_ff=64))
+    config.data.update(dict(seq_len=256, batch_size=8))
+    cfg = model_config(config)
+    params = init(cfg, jax.random.key(0))
+    ids, score = heldout_sft_scorer(config, cfg)
+    nll, tokens = score(params)
+    encoder = encoder_of(config, cfg)
+    _, held = split_data(config, lambda paths, skipped: sft.load_examples(
+        paths, encoder, config.data.template, config.data.seq_len, skipped))
+    assert ids == [x.id for x in held] and len(ids) >= 5
+    for i, x in enumerate(held[:5]):
+        logits = np.asarray(apply(cfg, params, np.asarray(x.tokens)[None]), np.float64)[0]
+        top = logits.max(-1, keepdims=True)
+        log_p = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        targets = np.flatnonzero(np.asarray(x.loss_mask)[1:])  # predictions of masked tokens
+        expected = -sum(log_p[t, x.tokens[t + 1]] for t in targets)
+        assert tokens[i] == len(targets)
+        assert nll[i] == pytest.approx(expected, rel=2e-4)
