@@ -41,7 +41,8 @@ CHANCE = {"commonsense_qa_sample": 0.2, "piqa_sample": 0.5, "openbookqa_sample":
 LN2 = math.log(2)  # the DPO loss of a model with no preference (reward margin 0)
 # The `rule` field of align/assets/seed_pairs.jsonl (built by align/assets/build_assets.py).
 PAIR_RULES = {"cut_short": "chosen = the seed task's real output, rejected = the same output "
-                           "stopped before its last word (an unfinished answer)"}
+                           "stopped before its last word (an unfinished answer; being shorter, it has the higher "
+                           "summed log p unless the model learned the rule)"}
 BENCH_BEGIN = "<!-- quickstart-report:begin (written by python -m hibari.quickstart_report " \
               "--benchmarks OUT; do not edit by hand) -->"
 BENCH_END = "<!-- quickstart-report:end -->"
@@ -267,10 +268,7 @@ def effect_sentences(effects: dict) -> list[str]:
                   "fell" if dpo_acc["rate"] < sft_acc["rate"] else "stayed")
         out.append(f"Held-out pair accuracy, log p(chosen) > log p(rejected), {change} from "
                    f"{_pm(sft_acc)} (SFT) to {_pm(dpo_acc)} (DPO)"
-                   + ("." if _above(dpo_acc, 0.5) else
-                      "; it is not above chance by 2 s.e.: the summed log p still favours the "
-                      "rejected answer where it is the shorter one."
-                      if dpo_acc["rate"] <= 0.5 else "; not above chance by 2 s.e."))
+                   + ("." if _above(dpo_acc, 0.5) else "; it is not above chance by 2 s.e."))
         for lang, b in d["bpb"].items():
             if b["dpo"] is not None and b["dpo"] > b["sft"]:
                 out.append(f"General-text bits/byte ({lang}) rose from {b['sft']:.3f} to "
