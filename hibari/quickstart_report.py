@@ -769,7 +769,7 @@ def benchmarks_markdown(report: dict, out: str) -> str:
             for s, r in stages]
     rows.append(["**total**", f"**{sum(r['seconds'] for _, r in stages):.1f}**",
                  _f(sum(r.get("estimate") or 0 for _, r in stages), 1), "", ""])
-    parts = ["\n".join(lines), _md_table(["stage", "seconds", "estimate printed at the start (s)",
+    parts = [" ".join(lines), _md_table(["stage", "seconds", "estimate printed at the start (s)",
                                           "load average (1 min) at its end", "finished at"],
                                          rows)]
     effects = report.get("effects") or {}
