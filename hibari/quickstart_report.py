@@ -408,8 +408,17 @@ def _final(records: list[dict], key: str):
     return xs[-1] if xs else None
 
 
-def training_section(plan, stage: str, record, title: str, unigram=None, start=None
-                     ) -> list[Block]:
+def accuracy_with_se(accuracy: float | None, n: int | None) -> str:
+    """A held-out accuracy over `n` pairs as "x ± s.e." (the s.e. of its k = round(x·n) hits
+    among n, as `rate` gives it); the bare value when n is unknown (eval has not run)."""
+    if accuracy is None or not n:
+        return _f(accuracy)
+    k = int(round(accuracy * n))
+    return _pm(rate([1.0] * k + [0.0] * (n - k)), 4) + f" (n={n})"
+
+
+def training_section(plan, stage: str, record, title: str, unigram=None, start=None,
+                     n_pairs: int | None = None) -> list[Block]:
     blocks: list[Block] = [("h2", title)]
     if record is None:
         return blocks + _not_run(stage)
@@ -430,8 +439,10 @@ def training_section(plan, stage: str, record, title: str, unigram=None, start=N
         rows.append(["pretrained model's loss on the same held-out instructions", _f(start)])
     if stage == "dpo":
         rows.append(["DPO loss of no preference (reward margin 0)", _f(LN2)])
-        for key in ("heldout_accuracy", "heldout_reward_margin"):
-            rows.append([f"final {key.replace('_', ' ')}", _f(_final(metrics, key))])
+        rows.append(["final held-out accuracy (implicit reward vs SFT)" +
+                     (" ± s.e." if n_pairs else ""),
+                     accuracy_with_se(_final(metrics, "heldout_accuracy"), n_pairs)])
+        rows.append(["final held-out reward margin", _f(_final(metrics, "heldout_reward_margin"))])
     blocks.append(("table", ["metric", "value"], rows))
     plot = training_plot(plan, stage, metrics, unigram, start)
     if plot is not None:
@@ -640,7 +651,8 @@ def build(plan, records: dict[str, Any], effects: dict | None = None) -> list[Bl
     return (header(plan, records) + data_section(plan, records["data"]) +
             training_section(plan, "pretrain", records["pretrain"], SECTIONS[2], unigram) +
             training_section(plan, "sft", records["sft"], SECTIONS[3], start=start) +
-            training_section(plan, "dpo", records["dpo"], SECTIONS[4]) +
+            training_section(plan, "dpo", records["dpo"], SECTIONS[4], n_pairs=(
+                effects.get("dpo") or {}).get("reward_accuracy", {}).get("n")) +
             eval_section(plan, records["eval"], effects) +
             generations_section(plan, records["eval"]) +
             commands_section(plan, records) +

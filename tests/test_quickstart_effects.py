@@ -108,6 +108,14 @@ def _records(plan):
     return records
 
 
+def test_training_accuracy_gets_its_standard_error():
+    from hibari.quickstart_report import accuracy_with_se
+    # 14 of 15: p = 14/15, s.e. = sqrt(p (1 - p) / (n - 1)) for 0/1 outcomes (ddof 1)
+    p = 14 / 15
+    assert accuracy_with_se(p, 15) == f"{p:.4f} ± {math.sqrt(p * (1 - p) / 14):.4f} (n=15)"
+    assert accuracy_with_se(0.5, None) == "0.5000"
+
+
 def test_stage_effects_match_hand_computations(tmp_path):
     effects = stage_effects(_records(load_plan(CI_CONFIG, tmp_path)))
     # SFT: per-example nats/token; pretrained [6, 6, 4, 5], SFT [5, 4.8, 3, 5]
