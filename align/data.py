@@ -63,6 +63,20 @@ class Skipped(SourceStats):
     def to_dict(self) -> dict:
         return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.where.items()}}
 
+    def split_counts(self, kept: int) -> dict:
+        """{read, kept, too_long, malformed, reasons} of one split whose usable examples are
+        `kept` (read = kept + skipped; too_long = reasons of an over-long example)."""
+        too_long = sum(n for reason, n in self.counts.items() if is_too_long(reason))
+        return {"read": kept + self.total, "kept": kept, "too_long": too_long,
+                "malformed": self.total - too_long, "reasons": dict(self.counts)}
+
+
+TOO_LONG = ("over-long", "longer than")  # how the readers' too-long reasons begin / read
+
+
+def is_too_long(reason: str) -> bool:
+    return reason.startswith(TOO_LONG[0]) or TOO_LONG[1] in reason
+
 
 def read_jsonl(path: str, skipped: Skipped) -> Iterator[tuple[str, dict]]:
     """(`file:line`, record) for each JSON object line (`.gz` / `.zst` read too); each line is
@@ -94,7 +108,10 @@ def read_records(paths: str | Sequence[str], convert: Callable[[dict], Any],
                  skipped: Skipped | None = None) -> tuple[list[Any], Skipped]:
     """[convert(record)] over JSONL files; `convert` raises TemplateError / AlignDataError for a
     malformed record (counted with its file:line and skipped). A file that is empty or holds
-    no usable record is an error naming it (so is an empty list of files)."""
+    no usable record is an error naming it (so is an empty list of files). The skipped records
+    are logged here only when no `skipped` is given; a caller that passes one reports them
+    (once, e.g. align.tasks.read_splits)."""
+    own = skipped is None
     skipped = skipped if skipped is not None else Skipped()
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
@@ -113,7 +130,7 @@ def read_records(paths: str | Sequence[str], convert: Callable[[dict], Any],
             why = (f"all {bad} records skipped: {_summary_of(skipped, path)}" if bad
                    else "the file is empty")
             raise AlignDataError(f"{path}: no usable records ({why})")
-    if skipped.total:
+    if own and skipped.total:
         log.warning("skipped %d records: %s", skipped.total, skipped.summary())
     return out, skipped
 

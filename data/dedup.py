@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from hibari.base.progress import progress_bar
 from hibari.data.sources import Doc, SourceStats, expand_paths, read_docs, write_jsonl
 
 U64 = np.uint64
@@ -305,18 +306,18 @@ def compute_signatures(paths: list[str], work_dir: str, config: NearDedupConfig,
 
     A shard is reused only when its `.done.json` records the same key: the input's `keys[i]`
     (default: `file_key`, path + size + mtime) and the MinHash parameters."""
-    from tqdm import tqdm
     os.makedirs(work_dir, exist_ok=True)
     keys = keys if keys is not None else [file_key(p) for p in paths]
     params = json.dumps({"num_perm": config.num_perm, "ngram": config.ngram, "unit": config.unit,
                          "seed": config.seed, "text_field": text_field}, sort_keys=True)
     jobs = [(p, os.path.join(work_dir, f"sig-{i:05d}"), config, text_field, f"{k} {params}", nonempty)
             for i, (p, k) in enumerate(zip(paths, keys))]
+    shards = progress_bar("minhash", len(jobs), unit=" shards")  # tqdm on a tty, else lines
     if processes > 1 and len(jobs) > 1:
         with get_context("spawn").Pool(processes) as pool:
-            done = list(tqdm(pool.imap(_signature_shard, jobs), total=len(jobs), desc="minhash", unit="shard"))
+            done = list(shards.track(pool.imap(_signature_shard, jobs)))
     else:
-        done = [_signature_shard(j) for j in tqdm(jobs, desc="minhash", unit="shard")]
+        done = [_signature_shard(j) for j in shards.track(jobs)]
     return [prefix for prefix, _ in done]
 
 

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from hibari.base.progress import progress_bar
 from hibari.base.segments import positions_from_segments  # noqa: F401 (the rows' convention)
 from hibari.data.sources import Doc
 
@@ -217,8 +218,6 @@ def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir:
     `manifest.json.pending` (the old manifest is removed first, so a reader sees either a
     complete manifest or none; an interrupted swap completes on the next call). Shards that only
     the old manifest named are deleted after the new manifest is written."""
-    from tqdm import tqdm
-
     from hibari.data.tokenizer import file_sha256, load_tokenizer
     sp = load_tokenizer(tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
@@ -253,7 +252,7 @@ def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir:
             if target == out_dir:
                 old_files |= {s["path"] for s in stale.get("shards", [])}
         counts = {"docs": 0, "chars": 0, "tokens": 0}
-        token_docs = tokenize_docs(tqdm(docs, desc=f"pack {name}", unit="doc"), sp, counts=counts)
+        token_docs = tokenize_docs(progress_bar(f"pack {name}", None, unit=" docs").track(docs), sp, counts=counts)
         rows = pack_rows(token_docs, seq_len, method, pad_id=max(sp.pad_id(), 0), buffer_size=buffer_size)
         shards = write_shards(rows, target, name, rows_per_shard)
         n_rows = sum(s["rows"] for s in shards)

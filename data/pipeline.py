@@ -37,6 +37,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 
 from hibari.base.errors import UsageError, UserError
+from hibari.base.progress import progress_bar
 from hibari.base.runlock import DirLock
 from hibari.data.clean import clean_docs
 from hibari.data.dedup import NearDedupConfig, dedup_files
@@ -425,11 +426,11 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str]) -> dict:
-    from tqdm import tqdm
     filters, steps = _plan(cfg, paths, words)  # resume_only: fails here, before anything is written
     os.makedirs(os.path.join(cfg.out, "filtered"), exist_ok=True)
     shard_stats = []
-    for path, step in zip(paths, tqdm(filters, desc="clean+filter", unit="shard")):
+    shards = progress_bar("clean+filter", len(filters), unit=" shards")
+    for step, path in zip(shards.track(filters), paths):  # tqdm on a tty, else lines
         if step.status == "reused":
             with open(step.output + ".stats.json") as f:
                 shard_stats.append(json.load(f))

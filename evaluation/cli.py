@@ -79,12 +79,15 @@ def eval_main(argv=None) -> int:
                  max_len=args.max_len, prefix=args.prefix,
                  allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     load_s = time.perf_counter() - t0
+    from hibari.base.progress import progress_bar
     results = []
-    for t in tasks:
+    for t in tasks:  # requests done/total within each task: a bar on a tty, else lines
+        progress = progress_bar(t.name, 0, unit=" requests")
         r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
                           limit=args.limit, calibrate=args.calibrate,
                           permute=args.permute_choices, strict=args.strict,
-                          partial_input=args.partial_input)
+                          partial_input=args.partial_input, progress=progress)
+        progress.finish()
         print(f"{t.name}: {json.dumps(r['metrics'])} ({r['seconds']} s)", file=sys.stderr)
         results.append(r)
     meta = {"checkpoint": str(args.checkpoint), "tokenizer": lm.tokenizer.name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hibari.evaluation.loglikelihood import rolling_windows, token_scores
 from hibari.evaluation.tokenizer import (
@@ -19,6 +19,9 @@ from hibari.evaluation.tokenizer import (
 )
 from hibari.model import ModelConfig
 from hibari.model.decode import generate as generate_tokens
+
+if TYPE_CHECKING:
+    from hibari.base.progress import Progress
 
 
 @dataclasses.dataclass
@@ -37,15 +40,18 @@ class LanguageModel:
                                  f"ids but the model only {self.cfg.vocab_size}; pass the "
                                  "tokenizer the model was trained with (--tokenizer)")
 
-    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool, int]]:
-        """[(sum log p(continuation | context), greedy, continuation tokens), ...]."""
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None
+                      ) -> list[tuple[float, bool, int]]:
+        """[(sum log p(continuation | context), greedy, continuation tokens), ...].
+        `progress` (all three methods): its total grows by the requests, advanced per batch."""
         requests = [self.tokenizer.encode_pair(c, x) for c, x in pairs]
         scores = token_scores(self.cfg, self.params, requests, self.batch_size, self.max_len,
-                              self.tokenizer.pad_id)
+                              self.tokenizer.pad_id, on_batch=_on_batch(progress, len(requests)))
         return [(float(lp.sum()), bool(g.all()), len(lp)) for lp, g in scores]
 
     def rolling_loglikelihood(self, texts: Sequence[str], window: int | None = None,
-                              stride: int | None = None) -> list[tuple[float, int]]:
+                              stride: int | None = None, progress: Progress | None = None
+                              ) -> list[tuple[float, int]]:
         """[(log p(text), tokens), ...]: every token predicted once, in overlapping windows."""
         window = min(window or self.max_len, self.max_len)
         requests, owner, counts = [], [], []
@@ -57,14 +63,15 @@ class LanguageModel:
                 owner.append(i)
         totals = [0.0] * len(texts)
         scores = token_scores(self.cfg, self.params, requests, self.batch_size, window,
-                              self.tokenizer.pad_id)
+                              self.tokenizer.pad_id, on_batch=_on_batch(progress, len(requests)))
         for i, (lp, _) in zip(owner, scores):
             totals[i] += float(lp.sum())
         return list(zip(totals, counts))
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32,
                  stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, batch_size: int | None = None) -> list[str]:
+                 top_p: float = 1.0, seed: int = 0, batch_size: int | None = None,
+                 progress: Progress | None = None) -> list[str]:
         """Completions cut before the first stop string. Greedy results do not depend on
         the batch; sampled ones depend on (seed, batch composition)."""
         tok = self.tokenizer
@@ -73,6 +80,7 @@ class LanguageModel:
         encoded = [tok.encode(p)[-keep:] for p in prompts]
         eos = [i for i in (tok.eos_id,) if i is not None]
         out: list[str] = []
+        advance = _on_batch(progress, len(encoded))
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
 
@@ -84,7 +92,17 @@ class LanguageModel:
                                   seed=seed + start, eos_ids=eos, pad_id=tok.pad_id,
                                   stop=stop_fn if stop else None)
             out.extend(cut_at_stop(tok.decode(ids), stop) for ids in new)
+            if advance is not None:
+                advance(len(chunk))
         return out
+
+
+def _on_batch(progress: Progress | None, requests: int):
+    """`progress.advance` after its total grew by `requests`, or None without a progress."""
+    if progress is None:
+        return None
+    progress.add_total(requests)
+    return progress.advance
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +40,11 @@ def _width(n: int) -> int:
 
 
 def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_size: int = 8,
-                 max_len: int | None = None, pad_id: int = 0
+                 max_len: int | None = None, pad_id: int = 0, *,
+                 on_batch: Callable[[int], None] | None = None
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per request: (log-probabilities[n_cont] float64, greedy flags[n_cont]) of the
-    continuation tokens."""
+    continuation tokens. `on_batch(n)` after each batch of n requests (progress)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_len = max_len or cfg.max_seq_len
@@ -78,6 +79,8 @@ def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_si
                 n, n_cont = len(rows[i][0]) - 1, rows[i][1]
                 out[i] = (np.asarray(log_p[r, n - n_cont:n], np.float64),
                           np.asarray(greedy[r, n - n_cont:n]))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return out
 
 

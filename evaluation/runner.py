@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hibari.base.progress import Progress
 from hibari.base.stats import mean_stderr
 from hibari.evaluation import calibration
 from hibari.evaluation import metrics as text_metrics
@@ -53,13 +54,19 @@ def _contexts(task: TaskSpec, template: Template, examples, pool, k, blank=()):
             for e in examples]
 
 
-def _score_choices(lm: LanguageModel, task, template, examples, contexts):
+def _progress(progress) -> dict:
+    """The `progress=` keyword of an lm call, only when there is a progress (a model of
+    another kind, e.g. a benchmark's wrapper, need not take it)."""
+    return {} if progress is None else {"progress": progress}
+
+
+def _score_choices(lm: LanguageModel, task, template, examples, contexts, progress=None):
     """Per example: (targets, logp[c], tokens[c], bytes[c]) of each choice's continuation."""
     pairs, targets = [], []
     for e, ctx in zip(examples, contexts):
         targets.append([render_target(task, template, e, j) for j in range(len(e["choices"]))])
         pairs += [(ctx, t) for t in targets[-1]]
-    scores = lm.loglikelihood(pairs)
+    scores = lm.loglikelihood(pairs, **_progress(progress))
     out, at = [], 0
     for texts in targets:
         chunk = scores[at:at + len(texts)]
@@ -102,9 +109,9 @@ def baselines(examples) -> dict:
 
 
 def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permute=False,
-               partial: Sequence[str] = ()):
+               partial: Sequence[str] = (), progress=None):
     contexts = _contexts(task, template, examples, pool, k)
-    scored = _score_choices(lm, task, template, examples, contexts)
+    scored = _score_choices(lm, task, template, examples, contexts, progress)
     records = _choice_records(examples, contexts, scored, "original")
     hits = {m: _accuracy(records, key) for m, key in
             (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_bytes"))
@@ -117,7 +124,7 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
         for cf in task.content_free:
             blank = [{**e, **{f: cf for f in CONTENT_FIELDS if f in e}} for e in examples]
             cf_scored = _score_choices(lm, task, template, blank,
-                                       _contexts(task, template, blank, pool, k))
+                                       _contexts(task, template, blank, pool, k), progress)
             cf_logp.append([lp for _, lp, _, _ in cf_scored])
         for i, r in enumerate(records):
             p_cf = np.mean([calibration.choice_probs(cfl[i]) for cfl in cf_logp], axis=0)
@@ -139,7 +146,7 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
     if partial:  # the fields dropped from the example and its shots; choices kept
         part = _without(examples, partial)
         ctx = _contexts(task, template, examples, pool, k, blank=partial)
-        rs = _choice_records(part, ctx, _score_choices(lm, task, template, part, ctx),
+        rs = _choice_records(part, ctx, _score_choices(lm, task, template, part, ctx, progress),
                              "partial:" + "+".join(partial))
         extra += rs
         hit = _accuracy(rs, "pred")
@@ -155,7 +162,8 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
                 rotated.append({**e, "choices": e["choices"][shift:] + e["choices"][:shift],
                                 "gold": pos})
             ctx = _contexts(task, template, rotated, pool, k)
-            rs = _choice_records(rotated, ctx, _score_choices(lm, task, template, rotated, ctx),
+            rs = _choice_records(rotated, ctx,
+                                 _score_choices(lm, task, template, rotated, ctx, progress),
                                  f"gold_at_{pos}")
             extra += rs
             by_position.append(_accuracy(rs, "pred"))
@@ -166,9 +174,10 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
     return result, stderr, records + extra
 
 
-def run_generate(lm, task, template, examples, pool, k):
+def run_generate(lm, task, template, examples, pool, k, progress=None):
     contexts = _contexts(task, template, examples, pool, k)
-    outputs = lm.generate(contexts, max_new_tokens=task.max_new_tokens, stop=task.stop)
+    outputs = lm.generate(contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,
+                          **_progress(progress))
     names = [m for m in task.metrics if m in text_metrics.GENERATION_METRICS]
     records = []
     for e, ctx, out in zip(examples, contexts, outputs):
@@ -180,10 +189,11 @@ def run_generate(lm, task, template, examples, pool, k):
             {m: mean_stderr(r[m] for r in records) for m in names}, records)
 
 
-def run_perplexity(lm, task, template, examples, window=None, stride=None):
+def run_perplexity(lm, task, template, examples, window=None, stride=None, progress=None):
     from hibari.evaluation.tasks import render_prompt
     texts = [render_prompt(task, template, e) for e in examples]
-    scored = lm.rolling_loglikelihood(texts, window or task.window, stride or task.stride)
+    scored = lm.rolling_loglikelihood(texts, window or task.window, stride or task.stride,
+                                      **_progress(progress))
     records = [{"id": e["id"], "loglikelihood": lp, "tokens": n, "bytes": utf8_len(t),
                 "words": len(t.split())} for e, t, (lp, n) in zip(examples, texts, scored)]
     stats = perplexity_stats(*(sum(r[f] for r in records)
@@ -191,15 +201,16 @@ def run_perplexity(lm, task, template, examples, window=None, stride=None):
     return stats, {}, records
 
 
-def run_code(lm, task, template, examples, pool, k, *, seed=0):
+def run_code(lm, task, template, examples, pool, k, *, seed=0, progress=None):
     contexts = _contexts(task, template, examples, pool, k)
     if task.samples == 1 and task.temperature == 0:
         completions = [[c] for c in lm.generate(contexts, max_new_tokens=task.max_new_tokens,
-                                                stop=task.stop)]
+                                                stop=task.stop, **_progress(progress))]
     else:  # one batch of `samples` rows per problem: results depend only on (seed, problem)
         completions = [lm.generate([ctx] * task.samples, max_new_tokens=task.max_new_tokens,
                                    stop=task.stop, temperature=task.temperature,
-                                   seed=seed + i, batch_size=task.samples)
+                                   seed=seed + i, batch_size=task.samples,
+                                   **_progress(progress))
                        for i, ctx in enumerate(contexts)]
     records = []
     for e, ctx, comps in zip(examples, contexts, completions):
@@ -215,16 +226,17 @@ def run_code(lm, task, template, examples, pool, k, *, seed=0):
             {m: mean_stderr(v) for m, v in per_problem.items()}, records)
 
 
-def _run_template(lm, task, template, examples, pool, k, calibrate, permute, partial):
+def _run_template(lm, task, template, examples, pool, k, calibrate, permute, partial,
+                  progress=None):
     """(metrics, their standard errors, sample records) of one template."""
     if task.kind == "choice":
         return run_choice(lm, task, template, examples, pool, k, calibrate=calibrate,
-                          permute=permute, partial=partial)
+                          permute=permute, partial=partial, progress=progress)
     if task.kind == "generate":
-        return run_generate(lm, task, template, examples, pool, k)
+        return run_generate(lm, task, template, examples, pool, k, progress)
     if task.kind == "perplexity":
-        return run_perplexity(lm, task, template, examples)
-    return run_code(lm, task, template, examples, pool, k)
+        return run_perplexity(lm, task, template, examples, progress=progress)
+    return run_code(lm, task, template, examples, pool, k, progress=progress)
 
 
 def _template_indices(task: TaskSpec, templates) -> list[int]:
@@ -269,12 +281,15 @@ def check_partial_input(task: TaskSpec, examples, fields) -> None:
 def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = None,
                   templates=None, limit: int | None = None, calibrate: bool = False,
                   permute: bool = False, strict: bool = False,
-                  partial_input: Sequence[str] = ()) -> dict:
+                  partial_input: Sequence[str] = (), progress: Progress | None = None) -> dict:
     """Metrics (and standard errors) of the first listed template, every template's metrics,
     their spread, the rows skipped as malformed (`strict`: raise instead) and `records`: one
     sample record per (template, variant, example), from which every metric is recomputable.
     `partial_input`: choice tasks are also scored with these fields emptied (the choices kept):
-    `partial_acc` against `chance` and `majority` (the hypothesis-only baseline generalised)."""
+    `partial_acc` against `chance` and `majority` (the hypothesis-only baseline generalised).
+    `progress` (e.g. `hibari.base.progress.progress_bar(task.name, 0, unit=" requests")`):
+    advanced per batch of model requests, its total growing with each pass; the caller
+    finishes it."""
     examples = task.examples(strict)
     validate_examples(task, examples)
     check_partial_input(task, examples, partial_input)
@@ -287,7 +302,7 @@ def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = No
     per_template, records = [], []
     for index in _template_indices(task, templates):
         m, se, recs = _run_template(lm, task, task.templates[index], examples, pool, k,
-                                    calibrate, permute, tuple(partial_input))
+                                    calibrate, permute, tuple(partial_input), progress)
         per_template.append({"index": index, "metrics": m, "stderr": se})
         records += [{"template": index, **r} for r in recs]
     return {"task": task.name, "kind": task.kind, "fewshot": k, "n": len(examples),

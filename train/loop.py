@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from hibari.base.errors import UserError
 from hibari.base.files import write_atomic
+from hibari.base.progress import progress_bar
 from hibari.base.runlock import DirLock
 from hibari.model import ModelConfig, flops_per_token, init, param_axes
 from hibari.train.checkpoint import Checkpointer
@@ -270,6 +270,7 @@ class Task:
     updates_per_step: int = 1
     init_extra: Callable[[], Any] | None = None
     tokens_per_step: int | None = None  # for tokens_per_s (default: batch_size x seq_len)
+    data_counts: dict | None = None  # records read / kept / dropped per split (summary, json)
 
 
 @dataclasses.dataclass
@@ -398,8 +399,15 @@ def _first_nonfinite(pending: list[tuple[int, dict]]) -> int | None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | None = None, *,
-          devices=None) -> dict[str, Any]:
-    """Train until config.steps (or a stop signal); returns a summary of the run."""
+          devices=None, progress_stream=None, progress_every: float = 10.0,
+          clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """Train until config.steps (or a stop signal); returns a summary of the run.
+
+    Progress goes to `progress_stream` (default stderr): a tqdm bar on a terminal, otherwise a
+    line about every `progress_every` seconds with step/total, loss,
+    tokens/s and an ETA from the rate after the first (compiling) step, on the clock `clock`.
+    A task's `data_counts` are in the summary (key "data_counts") and in
+    `workdir/data_counts.json`."""
     workdir = Path(workdir)
     task = task or Task()
     validate_config(config, own_data=task.make_loader is not None)  # before anything is written
@@ -413,13 +421,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
             write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
             from hibari.data.tokenizer import write_tokenizer_record
             write_tokenizer_record(config, workdir)  # eval/sft/dpo refuse another tokenizer
-        return _train(run, workdir, is_main)
+            if task.data_counts is not None:
+                write_atomic(workdir / "data_counts.json", json.dumps(task.data_counts, indent=1))
+        summary = _train(run, workdir, is_main, progress_stream, progress_every, clock)
+        if task.data_counts is not None:
+            summary["data_counts"] = task.data_counts
+        return summary
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:
+def _train(run: Run, workdir: Path, is_main: bool, progress_stream=None,
+           progress_every: float = 10.0, clock: Callable[[], float] = time.monotonic
+           ) -> dict[str, Any]:
     config = run.config
     state, start = run.state, int(jax.device_get(run.state.step))
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
@@ -430,8 +445,9 @@ def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:
     max_skips = _field(config, "nan_max_skips")
     skips_in_a_row = 0
     window_start, window_steps = None, 0
-    bar = tqdm(total=config.steps, initial=start, disable=not is_main, desc=config.get("name", "train"),
-               dynamic_ncols=True)
+    bar = progress_bar(config.get("name", "train"), config.steps, unit=" steps", initial=start,
+                       exclude_first=True, stream=progress_stream, clock=clock, enabled=is_main,
+                       every=progress_every)
     batches: Iterator = iter(run.loader)
 
     def save(state):
@@ -474,7 +490,6 @@ def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:
                     window_start, window_steps = time.perf_counter(), 0
                 else:
                     window_steps += 1
-                bar.update(1)
                 do_eval = config.eval_every and (step % config.eval_every == 0
                                                  or step == config.steps)
                 do_log = step % config.log_every == 0 or step == config.steps or do_eval
@@ -497,12 +512,15 @@ def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:
                             record.update(run.task.on_eval(step, state.params, state.frozen))
                     if do_log:
                         writer.write(step, record)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", **(
+                            {"tokens/s": f"{record['tokens_per_s']:.3g}"}
+                            if "tokens_per_s" in record else {}))
                         summary.update(record)
                 if do_ckpt:
                     save(state)
                 if do_log or do_ckpt:  # the next throughput window starts after eval/saves
                     window_start, window_steps = time.perf_counter(), 0
+                bar.update(step)
                 if stop.should_stop():
                     flush_pending()
                     save(state)
@@ -516,7 +534,7 @@ def _train(run: Run, workdir: Path, is_main: bool) -> dict[str, Any]:
                         run.checkpointer.latest_step() != int(jax.device_get(state.step)):
                     save(state)
         finally:
-            bar.close()
+            bar.finish()
             writer.close()
             if run.checkpointer is not None:
                 run.checkpointer.close()
