@@ -224,6 +224,40 @@ def test_quickstart_end_to_end_interrupt_resume_and_report(tmp_path):
     assert r.stderr.count("finished earlier") == len(STAGES)
     assert _snapshot(out, STAGES) == everything
 
+    # 5. The README's `hibari eval` / `hibari generate` examples on the quickstart's models, as
+    # the README shows them (runs/quickstart -> this quickstart, relative to another folder, so
+    # each run's tokenizer must be found from its recorded paths), --limit 2 to keep it short.
+    import re
+    import shlex
+
+    from test_docs import shown_commands
+    readme_text = (REPO / "README.md").read_text()
+    examples = [shlex.split(c, comments=True) for _, c in shown_commands([REPO / "README.md"])]
+    examples = [a for a in examples if a[1] in ("eval", "generate")
+                and a[a.index("--checkpoint") + 1].startswith("runs/quickstart/")]
+    assert sorted({a[1] for a in examples}) == ["eval", "generate"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probing = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}  # JAX probes for a TPU
+    for argv in examples:
+        argv = [a.replace("runs/quickstart", "../qs") for a in argv[1:]]
+        prompt = None
+        if argv[0] == "eval":
+            argv += ["--limit", "2"]
+        else:
+            echoed = re.search(r'echo "([^"]*)" \| hibari generate', readme_text)
+            prompt = echoed.group(1) + "\n"
+        r = subprocess.run([sys.executable, "-m", "hibari", *argv], cwd=elsewhere, env=probing,
+                           input=prompt, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"hibari {shlex.join(argv)}\n{r.stderr[-3000:]}"
+        assert not re.search(r"\btpu\b|libtpu", r.stderr, re.I), r.stderr[-2000:]
+        if argv[0] == "eval":
+            out_dir = elsewhere / argv[argv.index("--out") + 1]
+            results = json.loads((out_dir / "results.json").read_text())
+            assert "mmlu_sample" in json.dumps(results)
+        else:  # one completion line (the CI model may well complete with spaces)
+            assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1, r.stdout
+
 
 def _ci_prompts():
     from hibari.quickstart import load_plan as lp
