@@ -43,19 +43,20 @@ class Progress:
         self.update(self.done + n)
 
     def update(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(done - self.done)
-        self.done = done
         now = self.clock()
         if self.wait_first:  # the first advance (compilation) is left out of the rate
             self.wait_first = False
+            self.done = self.base = done
             self.start = self.last = now
-            self.base = done
-            if self.bar is not None:
-                bar = self.bar  # tqdm's rate: (n - initial) / (time since start_t)
-                bar.initial, bar.start_t = bar.n, bar._time()
-                bar.last_print_t = bar.start_t  # tqdm draws nothing printed before start_t
+            if self.bar is not None:  # tqdm's rate: (n - initial) / (time since start_t)
+                bar = self.bar
+                bar.n = bar.initial = done
+                bar.start_t = bar.last_print_t = bar._time()  # no rate shown until the next
+                bar.refresh()
             return
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        self.done = done
         if self.bar is None and now - self.last >= self.every and \
                 (self.total is None or self.done < self.total):
             self.last = now
