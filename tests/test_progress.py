@@ -64,6 +64,8 @@ def test_unknown_and_growing_totals_and_a_bar_on_a_terminal():
                      log=lines.append, every=0.0, tty=True)
     p.update(1)
     assert p.bar.initial == 1  # tqdm's rate is (n - initial) / (time since the first step)
+    first = stream.getvalue().split("\r")[-1]
+    assert "1/5" in first and "?steps/s" in first  # no rate / ETA from the compile step
     p.set_postfix(loss="1.00")
     p.update(5)
     p.finish()
