@@ -51,7 +51,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
         base="configs/sft/instruct.py:alpaca_en",
         overrides=dict(
             steps=8 if ci else 60,
-            # 20% of the seed tasks held out (33 of the 163 that fit): SFT's effect on their
+            # 20% of the seed tasks held out (26 of the 163 that fit): SFT's effect on their
             # response-token loss is measured with a standard error over examples
             data=dict(seq_len=512, batch_size=8, eval_fraction=0.2),
             optim=dict(lr=1e-3),
