@@ -204,6 +204,7 @@ def stage_effects(records: dict[str, Any]) -> dict:
         effects["sft"] = {
             "response_loss": {m: mean_se(v) for m, v in per.items()},
             "difference": mean_se(per["sft"] - per["pretrain"]),
+            "dpo_difference": mean_se(per["dpo"] - per["sft"]) if "dpo" in per else None,
             "token_weighted": {m: float(np.sum(h["nll"]) / max(np.sum(h["tokens"]), 1))
                                for m, h in held.items()},
             "bpb": {lang: {"pretrain": v, "sft": bpb["sft"].get(lang)}
@@ -249,6 +250,11 @@ def effect_sentences(effects: dict) -> list[str]:
         out.append(f"SFT: response-token loss on {rl['sft']['n']} held-out instructions "
                    f"{rl['pretrain']['mean']:.3f} → {rl['sft']['mean']:.3f} nats/token "
                    f"(paired difference {_pm(d)}): {verdict}.")
+        dd = s.get("dpo_difference")
+        if dd and dd["mean"] > 0:
+            out.append(f"DPO raised the response-token loss on these held-out instructions from "
+                       f"{rl['sft']['mean']:.3f} to {rl['dpo']['mean']:.3f} nats/token (paired "
+                       f"difference {_pm(dd)}).")
         for lang, b in s["bpb"].items():
             if b["sft"] is not None and b["sft"] > b["pretrain"]:
                 out.append(f"General-text bits/byte ({lang}) rose from {b['pretrain']:.3f} to "

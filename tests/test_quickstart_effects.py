@@ -144,6 +144,10 @@ def test_report_states_effects_with_standard_errors(tmp_path):
     assert "0.750 ± 0.250" in md  # implicit reward accuracy
     assert "0.2500 ± 0.2500" in md  # the SFT row's pair accuracy in the full table
     assert "General-text bits/byte (en) rose from 1.900 to 2.000 after SFT" in md
+    # DPO per example [5, 5, 3, 5.25] against SFT's [5, 4.8, 3, 5]: differences [0, .2, 0, .25]
+    d = np.array([0.0, 0.2, 0.0, 0.25])
+    assert (f"from 4.450 to 4.562 nats/token (paired difference {d.mean():.3f} ± "
+            f"{d.std(ddof=1) / 2:.3f})") in md
     assert "(ja) rose from 1.500 to 1.400" not in md  # it fell: not reported as worse
     assert "General-text bits/byte (ja) rose from 1.400 to 1.450 after DPO" in md
     assert "0.2000 ± 0.0500" in md  # multiple-choice rows carry their standard error
