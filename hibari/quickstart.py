@@ -253,6 +253,8 @@ def run_training(plan: Plan, stage: str) -> dict:
     from hibari.model import ModelConfig, count_params
     cfg = ModelConfig.from_dict(config.model.to_dict())
     result = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and k != "mfu"}
+    if summary.get("data_counts"):  # examples read, kept, dropped as too long or malformed
+        result["data_counts"] = summary["data_counts"]
     result.update(params=count_params(cfg)._asdict(), model=cfg.to_dict(),
                   tokens=config.steps * config.data.batch_size * config.data.seq_len)
     if stage == "pretrain":
@@ -324,8 +326,8 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str,
     the held-out SFT examples' response-token loss (`score_sft(cfg)` -> (ids, score(params)
     -> (nll, tokens))) and greedy generations through the SFT `template` of one model."""
     import numpy as np
-    from tqdm import tqdm
 
+    from hibari.base.progress import progress_bar
     from hibari.evaluation.lm import load_lm
     from hibari.evaluation.report import write_results
     from hibari.evaluation.runner import evaluate_task
@@ -335,11 +337,13 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str,
     tasks = [load_task(n) for n in qc.eval.tasks] + \
         [load_task(p) for p in heldout_task_paths(plan).values()]
     results = []
-    steps = tqdm(total=len(tasks) + 2, desc=f"eval {model}", dynamic_ncols=True)
-    for task in tasks:
+    steps = progress_bar(f"eval {model}", len(tasks) + 2, unit=" steps")
+    for task in tasks:  # progress within each task too (requests scored or generated)
+        within = progress_bar(f"eval {model} {task.name}", 0, unit=" requests")
         results.append(without_word_perplexity(
-            evaluate_task(lm, task, limit=qc.eval.limit or None)))
-        steps.update(1)
+            evaluate_task(lm, task, limit=qc.eval.limit or None, progress=within)))
+        within.finish()
+        steps.advance(1)
     write_results(out, results, {"checkpoint": str(plan.dir(model)), "command":
                                  plan.eval_command(model)})
     ids, score = score_pairs(lm.cfg)
@@ -351,15 +355,15 @@ def evaluate_model(plan: Plan, model: str, score_pairs: Callable, template: str,
         nll, n_tokens = sft_score(lm.params)
         sft_heldout = {"ids": sft_ids, "nll": [float(x) for x in nll],
                        "tokens": [int(x) for x in n_tokens]}
-    steps.update(1)
+    steps.advance(1)
     generations = []
     for kind, prompts in (("text", qc.prompts.text), ("instruction", qc.prompts.instruction)):
         shown = [p if kind == "text" else instruction_prompt(template, p) for p in prompts]
         outs = lm.generate(shown, max_new_tokens=qc.eval.max_new_tokens)
         generations += [{"kind": kind, "prompt": p, "completion": o}
                         for p, o in zip(prompts, outs)]
-    steps.update(1)
-    steps.close()
+    steps.advance(1)
+    steps.finish()
     summary = {"metrics": {r["task"]: r["metrics"] for r in results},
                "stderr": {r["task"]: r["stderr"] for r in results},
                "n": {r["task"]: r["n"] for r in results},

@@ -423,6 +423,23 @@ def accuracy_with_se(accuracy: float | None, n: int | None) -> str:
     return _pm(rate([1.0] * k + [0.0] * (n - k)), 4) + f" (n={n})"
 
 
+def data_count_rows(counts: dict | None) -> list[list[str]]:
+    """Rows saying how many records of each data file were read, kept and dropped (and why)."""
+    rows = []
+    for split in ("train", "eval"):
+        c = (counts or {}).get(split)
+        if not c:
+            continue
+        dropped = [f"{c[k]} {k.replace('_', ' ')}" for k in ("too_long", "malformed") if c.get(k)]
+        rows.append([f"{split} data: records read / kept", f"{c['read']} / {c['kept']}" +
+                     (f" (dropped: {', '.join(dropped)})" if dropped else "")])
+    examples = (counts or {}).get("examples")
+    if examples:
+        rows.append(["examples trained on / held out",
+                     f"{examples.get('train', '–')} / {examples.get('eval', '–')}"])
+    return rows
+
+
 def training_section(plan, stage: str, record, title: str, unigram=None, start=None,
                      n_pairs: int | None = None) -> list[Block]:
     blocks: list[Block] = [("h2", title)]
@@ -449,6 +466,7 @@ def training_section(plan, stage: str, record, title: str, unigram=None, start=N
                      (" ± s.e." if n_pairs else ""),
                      accuracy_with_se(_final(metrics, "heldout_accuracy"), n_pairs)])
         rows.append(["final held-out reward margin", _f(_final(metrics, "heldout_reward_margin"))])
+    rows += data_count_rows(r.get("data_counts"))
     blocks.append(("table", ["metric", "value"], rows))
     plot = training_plot(plan, stage, metrics, unigram, start)
     if plot is not None:

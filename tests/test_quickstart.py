@@ -117,6 +117,16 @@ def test_unigram_baseline_matches_brute_force(tmp_path):
         pytest.approx(expected, rel=1e-9)
 
 
+def test_data_counts_shown_in_the_report():
+    from hibari.quickstart_report import data_count_rows
+    counts = {"train": {"read": 175, "kept": 163, "too_long": 12, "malformed": 0},
+              "examples": {"train": 137, "eval": 26}}
+    assert data_count_rows(counts) == [
+        ["train data: records read / kept", "175 / 163 (dropped: 12 too long)"],
+        ["examples trained on / held out", "137 / 26"]]
+    assert data_count_rows(None) == []
+
+
 def test_optional_stages_run_after_eval_only(tmp_path):
     from hibari.quickstart import run
     with pytest.raises(QuickstartError, match="--with judge runs after eval"):
@@ -204,6 +214,7 @@ def test_quickstart_end_to_end_interrupt_resume_and_report(tmp_path):
     assert md.count("**pretrained**") == len(_ci_prompts())
     assert "hibari dpo --config configs/dpo/pairs.py:dpo" in md
     assert "## 8. LLM-as-a-judge" in md and "## 9. SliCK" in md and "position consistency" in md
+    assert "train data: records read / kept" in md  # SFT's and DPO's dropped examples counted
     assert "hibari judge --config configs/judge/arena.py:quickstart" in md
     judged = json.loads((out / "judge" / "results.json").read_text())
     assert [row["model"] for row in judged["pairwise"]["without"]["ratings"]] != []
