@@ -247,7 +247,8 @@ def test_classify_learns_the_marker_and_resumes(tmp_path):
     ("head.pool=max", "config.head.pool='max'"),
     ("plant.markers=('x',)", "config.plant.markers=['x'] must be 2 distinct"),
     ("data.test_fraction=1.0", "config.data.test_fraction=1.0"),
-    ("data.path=nowhere.csv", "config.data.path='nowhere.csv': no such file"),
+    # path fields are made absolute at the command line (hibari.train.cli.make_paths_absolute)
+    ("data.path=nowhere.csv", f"config.data.path='{Path.cwd() / 'nowhere.csv'}': no such file"),
 ])
 def test_bad_configs_fail_with_one_line(tmp_path, capsys, override, message):
     argv = ["classify", "--config", str(ROOT / "configs/classify/shortcut.py"),
