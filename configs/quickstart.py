@@ -1,6 +1,6 @@
 """`hibari quickstart`: the whole pipeline on the vendored bilingual corpus, sized for a CPU.
 
-    hibari quickstart --out runs/quickstart                          # default: ~10 min, 2 cores
+    hibari quickstart --out runs/quickstart                          # default: ~5 min, 2 cores
     hibari quickstart --out runs/qs-ci --config configs/quickstart.py:ci   # ~2 min (the CI test)
 
 Each stage is an ordinary hibari run built from another config file plus the overrides below,

@@ -424,12 +424,13 @@ def run_eval(plan: Plan) -> dict:
 # Estimate
 # ---------------------------------------------------------------------------------------------
 
-# Measured on the 2-core CI machine (BENCHMARKS.md, "Quickstart"): achieved training FLOP/s
-# is this fraction of a large float32 matmul's; compile and evaluation overheads in seconds.
-TRAIN_EFFICIENCY = 0.26
-COMPILE_S = {"pretrain": 15.0, "sft": 15.0, "dpo": 25.0}
-DATA_S = 25.0
-EVAL_S_PER_MODEL = 22.0
+# Fitted to a fresh-clone default quickstart on an idle 2-core machine (BENCHMARKS.md,
+# "Quickstart"; 2026-12-01: data 9 s, pretrain 183 s, sft 39 s, dpo 31 s, eval 30 s): achieved
+# training FLOP/s is this fraction of a large float32 matmul's; other overheads in seconds.
+TRAIN_EFFICIENCY = 0.16
+COMPILE_S = {"pretrain": 15.0, "sft": 10.0, "dpo": 8.0}
+DATA_S = 10.0
+EVAL_S_PER_MODEL = 10.0
 EXTRA_S = {"judge": 60.0, "slick": 40.0}  # the optional stages (`--with`), default size
 EXTRA_S_CI = {"judge": 20.0, "slick": 10.0}
 
