@@ -119,7 +119,7 @@ def read_splits(config, load, notice: bool = True) -> tuple[list, list, dict]:
     """(train, eval, counts): `split_data`'s items and what reading them kept and dropped:
     counts = {"train": {read, kept, too_long, malformed, reasons} of train_path, "eval": the
     same of eval_path (when given), "examples": {"train": n, "eval": n} after the held-out
-    split}. `notice`: log the skipped records, one line per split (once per run)."""
+    split}. `notice`: log the skipped records (one line per split) and the split sizes."""
     data = config.data
     counts: dict[str, Any] = {}
     splits = [("train", "train_path")] + ([("eval", "eval_path")] if data.get("eval_path")
@@ -144,7 +144,8 @@ def read_splits(config, load, notice: bool = True) -> tuple[list, list, dict]:
     if not train:
         raise AlignDataError(f"config.data: no training examples left ({data.train_path})")
     counts["examples"] = {"train": len(train), "eval": len(evaluation)}
-    log.info("%d train / %d eval examples", len(train), len(evaluation))
+    if notice:  # once per run: the held-out scorers read the same data again quietly
+        log.info("%d train / %d eval examples", len(train), len(evaluation))
     return train, evaluation, counts
 
 
