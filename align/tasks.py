@@ -284,17 +284,23 @@ def heldout_pair_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
     if not pairs:
         raise AlignDataError(f"config.data: no held-out pairs ({config.data.train_path}, "
                              f"eval_fraction={config.data.eval_fraction})")
+    return [x.id for x in pairs], _rows_scorer(config, cfg,
+                                               preference.item_rows(pairs, config.data.seq_len))
+
+
+def _rows_scorer(config, cfg: ModelConfig, rows) -> Callable[[Any], np.ndarray]:
+    """`score(params) -> logps[n, 2]` of prepared preference rows: one compiled function for
+    any number of models of shape `cfg`, each placed on the config's mesh."""
     mesh = make_mesh(config.mesh.to_dict())
     rules = normalize_rules(config.rules)
     fn = preference.logps_fn(cfg, mesh, rules, config.logits_chunk)
-    rows = preference.item_rows(pairs, config.data.seq_len)
 
     def score(params) -> np.ndarray:
         placed = jax.device_put(params, logical_shardings(
             param_axes(cfg), jax.eval_shape(lambda: params), mesh, rules))
         return preference.all_logps(fn, placed, rows, config.data.batch_size, mesh, rules)
 
-    return [x.id for x in pairs], score
+    return score
 
 
 def heldout_sft_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
@@ -309,20 +315,15 @@ def heldout_sft_scorer(config: ml_collections.ConfigDict, cfg: ModelConfig
     if not examples:
         raise AlignDataError(f"config.data: no held-out examples ({config.data.train_path}, "
                              f"eval_fraction={config.data.get('eval_fraction')})")
-    mesh = make_mesh(config.mesh.to_dict())
-    rules = normalize_rules(config.rules)
-    fn = preference.logps_fn(cfg, mesh, rules, config.logits_chunk)
     empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
     # One example per row as segment 1 (segment 2 empty): sequence_logps sums its masked tokens.
-    rows = preference.item_rows([preference.Item(x.id, (x.tokens, x.loss_mask), empty)
-                                 for x in examples], config.data.seq_len)
+    logps = _rows_scorer(config, cfg, preference.item_rows(
+        [preference.Item(x.id, (x.tokens, x.loss_mask), empty) for x in examples],
+        config.data.seq_len))
     targets = np.array([int(np.asarray(x.loss_mask)[1:].sum()) for x in examples])
 
     def score(params) -> tuple[np.ndarray, np.ndarray]:
-        placed = jax.device_put(params, logical_shardings(
-            param_axes(cfg), jax.eval_shape(lambda: params), mesh, rules))
-        logps = preference.all_logps(fn, placed, rows, config.data.batch_size, mesh, rules)
-        return -logps[:, 0], targets
+        return -logps(params)[:, 0], targets
 
     return [x.id for x in examples], score
 

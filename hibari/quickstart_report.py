@@ -78,6 +78,16 @@ def reference_lines(stage: str, unigram: float | None = None, start: float | Non
     return {"loss (nats/token)": lines} if lines else {}
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (PNG) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def training_plot(plan, stage: str, records: list[dict], unigram: float | None = None,
                   start: float | None = None) -> Path | None:
     """`records`: the run's metrics.jsonl records (one per step); `start`: the held-out loss
@@ -114,12 +124,7 @@ def eval_plot(plan, table: list[dict]) -> Path:
     ax.set_ylabel("bits per byte (lower is better)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = plan.dir("plots") / "eval_bpb.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plan.dir("plots") / "eval_bpb.png")
 
 
 def effects_plot(plan, effects: dict) -> Path | None:
@@ -159,12 +164,7 @@ def effects_plot(plan, effects: dict) -> Path | None:
         axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = plan.dir("plots") / "effects.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plan.dir("plots") / "effects.png")
 
 
 # ---------------------------------------------------------------------------------------------
