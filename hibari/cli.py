@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name][0].split(":")
     as_program = argv_given is None
     if as_program:  # Ctrl-C interrupts start-up even where the parent ignored SIGINT (`cmd &`)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from hibari.base.signals import InterruptRecorder
+        signal.signal(signal.SIGINT, InterruptRecorder())
     from hibari.base.errors import UserError
     from hibari.train.cli import setup_logging
     setup_logging()

@@ -295,3 +295,34 @@ def test_a_failed_build_releases_the_lock_and_keeps_the_workdir(tmp_path):
         train1(tiny(steps=2), tmp_path)
     assert (tmp_path / "config.json").exists()
     DirLock(tmp_path).acquire().release()  # free again
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the __del__
+def test_an_interrupt_swallowed_before_training_still_stops_the_loop():
+    """A KeyboardInterrupt raised inside a finalizer is only printed; the SIGINT handler
+    hibari.cli installs remembers it, and the loop's handler refuses to start training."""
+    from hibari.base.signals import InterruptRecorder
+    from hibari.train.loop import StopSignal
+    recorder = InterruptRecorder()
+    before = signal.signal(signal.SIGINT, recorder)
+    try:
+        class Finalized:
+            def __del__(self):
+                recorder(signal.SIGINT, None)  # raises inside __del__: printed, not propagated
+
+        Finalized()
+        assert recorder.received
+        stopped = False
+        try:  # (pytest.raises lets KeyboardInterrupt through)
+            with StopSignal():
+                raise AssertionError("the loop body must not run")
+        except KeyboardInterrupt:
+            stopped = True
+        assert stopped
+        assert signal.getsignal(signal.SIGINT) is recorder  # handlers restored
+        recorder.received = False  # without a recorded interrupt the loop runs as before
+        with StopSignal() as stop:
+            pass
+        assert stop.received is None
+    finally:
+        signal.signal(signal.SIGINT, before)

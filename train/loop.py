@@ -223,6 +223,11 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
+            if getattr(self._old[signal.SIGINT], "received", False):
+                # Ctrl-C came before the loop and its KeyboardInterrupt was swallowed on the
+                # way (hibari.base.signals): stop now, before the first step
+                self.__exit__()
+                raise KeyboardInterrupt
         return self
 
     def _handle(self, signum, frame):
