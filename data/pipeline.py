@@ -37,6 +37,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 
 from hibari.base.errors import UsageError, UserError
+from hibari.base.files import json_digest
 from hibari.base.progress import progress_bar
 from hibari.base.runlock import DirLock
 from hibari.data.clean import clean_docs
@@ -130,7 +131,7 @@ def stage_fingerprint(stage: str, inputs: dict | None = None, params: dict | Non
     digest}: the digest (sha256 of the rest) is what downstream stages chain on."""
     fp = {"stage": stage, "version": STAGE_VERSIONS[stage], "inputs": inputs or {},
           "params": params or {}, "upstream": upstream or {}}
-    fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    fp["digest"] = json_digest(fp)[:16]
     return fp
 
 

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 from hibari.base.config_files import resolve_path
 from hibari.base.errors import InputNotFound, UsageError, UserError
-from hibari.base.files import write_atomic
+from hibari.base.files import json_digest, write_atomic
 from hibari.base.progress import Progress
 from hibari.evaluation import judge as J
 from hibari.evaluation.formats import json_records
@@ -441,10 +441,6 @@ def judge_fingerprint(plan: Plan) -> dict:
             "prefix": plan.judge.prefix, "max_len": plan.judge_max_len}
 
 
-def _key(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------- answers
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -540,7 +536,7 @@ class CachedScorer:
     def score(self, contexts: Sequence[str], options: Sequence[str], phase: str = "judge"
               ) -> list[list[float]]:
         phase = f"{phase} [{'/'.join(o.strip() for o in options)}]"
-        keys = [_key([c, list(options)])[:32] for c in contexts]
+        keys = [json_digest([c, list(options)])[:32] for c in contexts]
         todo = sorted({k: c for k, c in zip(keys, contexts) if k not in self.cache}.items(),
                       key=lambda kc: len(kc[1]))
         self.cached += len(keys) - len(todo)
@@ -775,7 +771,7 @@ def run_judge(config, out: str | Path, *, log: Callable[[str], None] = stderr_lo
         del loaded[key]  # contestants' parameters are not needed any more
 
     judge_fp = judge_fingerprint(plan)
-    judge_key = _key(judge_fp)[:16]
+    judge_key = json_digest(judge_fp)[:16]
     jdir = out / "judgments"
     jdir.mkdir(exist_ok=True)
     judge_meta_path = jdir / f"{judge_key}.json"

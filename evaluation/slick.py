@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hibari.base.errors import InputNotFound, UserError
-from hibari.base.files import write_atomic
+from hibari.base.files import json_digest, write_atomic
 from hibari.base.progress import Progress
 from hibari.base.stats import rate
 from hibari.evaluation.metrics import exact_match, normalize
@@ -474,10 +474,6 @@ def fingerprint_fields(config, facts_path: str, pool_path: str) -> dict:
     return fields
 
 
-def _digest(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _read_cache(out: Path, fields: dict, log) -> tuple[dict[str, dict], dict]:
     """({id: raw record}, stored lm info) from an earlier run with the same fingerprint."""
     meta_path, samples_path = out / META_FILE, out / SAMPLES_FILE
@@ -564,7 +560,7 @@ def run_slick(config, out: str | Path, *, log: Callable[[str], None] = _stderr_l
     if todo:
         lm_info = _lm_info(lm)
     (out / SAMPLES_FILE).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / META_FILE, json.dumps({"fingerprint": _digest(fields),
+    write_atomic(out / META_FILE, json.dumps({"fingerprint": json_digest(fields)[:16],
                                               "fingerprint_fields": fields, "lm": lm_info},
                                              indent=2))
     # the samples file restarts as the still valid records; new ones are appended as they finish
@@ -593,7 +589,7 @@ def run_slick(config, out: str | Path, *, log: Callable[[str], None] = _stderr_l
     others = [score_record(r, config.match) for i, r in raw.items() if i not in chosen]
     summary = summarize(records, config.match)
     results = {
-        "meta": {"checkpoint": config.checkpoint, "fingerprint": _digest(fields),
+        "meta": {"checkpoint": config.checkpoint, "fingerprint": json_digest(fields)[:16],
                  "tokenizer": lm_info.get("tokenizer"), "prefix": lm_info.get("prefix"),
                  "config": config.to_dict(),
                  "timings": {"load_seconds": round(load_s, 2), "probe_seconds": round(probe_s, 2),
