@@ -1,0 +1,492 @@
+"""Numeric-score probe: does a judge's score distribution collapse onto few values?
+
+A "numeric" task asks a judge prompt for a score on each configured range (1-5, 0-9, 1-100)
+about graded items (question, answer, optional gold grade) and reads the score either
+
+- from the logits (`read: logits`): the probability that the model writes each number of the
+  range next, renormalised over the range (`number_logprobs`); the item's score is the
+  argmax, its expected score the mean of that distribution; or
+- from a greedy generation (`read: generation`): the first number written, a failure when
+  there is none or it lies outside the range.
+
+Per range (metric names "<low>-<high>/<name>", flat, as results.json keeps metrics):
+  mean_score        mean per-item score (argmax or parsed), with its standard error
+  mean_expected     logits: mean expected score, with its standard error
+  kurtosis          excess (Fisher) kurtosis of the per-item scores (0 for a normal shape;
+                    large when the scores pile onto one value with a few far away)
+  kurtosis_expected logits: the same of the expected scores
+  entropy_bits      entropy (bits) of the histogram of per-item scores over the range: how
+                    many values the judge really uses (log2 of their number at most)
+  item_entropy_bits logits: mean entropy (bits) of the per-item distributions (s.e.)
+  modal_share       share of scored items on the most frequent score (s.e.)
+  kendall_tau_b     Kendall's tau-b of the per-item scores against the gold grades (items with
+                    both), with `kendall_p` its two-sided p-value; `kendall_tau_b_expected`
+                    (logits) uses the expected scores
+  parse_failure_rate  generation: share of items with no score in range (s.e.)
+  n_scored          items with a score
+
+The task file (`kind: numeric`, data format `graded_jsonl`) carries a `numeric:` section:
+
+    numeric:
+      ranges: [[1, 5], [0, 9], [1, 100]]
+      read: logits              # logits | generation
+      max_new_tokens: 8         # generation
+      wrap: "{instruction}\\n\\n" # the judge model's turn format around the rendered prompt
+      primer: "Score:"          # appended after the wrap; the score is the next thing written
+
+The prompt template may use {low} and {high} besides the example's fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import string
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hibari.base.stats import mean_stderr
+from hibari.evaluation.formats import Examples, FormatError, _jsonl, _need
+from hibari.evaluation.judge import excess_kurtosis, score_labels, softmax
+from hibari.evaluation.tasks import TaskError, TaskSpec, Template, build_context
+
+READS = ("logits", "generation")
+DEFAULT_RANGES = ((1, 5), (0, 9), (1, 100))
+_SPEC_KEYS = {"ranges", "read", "max_new_tokens", "wrap", "primer"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericSpec:
+    """A numeric task's `numeric:` section (see the module docstring)."""
+    ranges: tuple[tuple[int, int], ...] = DEFAULT_RANGES
+    read: str = "logits"
+    max_new_tokens: int = 8
+    wrap: str = "{instruction}\n\n"  # format string with {instruction} only
+    primer: str = "Score:"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_wrap(wrap, where: str) -> str:
+    """`wrap` must be a format string whose only placeholder is {instruction}."""
+    if not isinstance(wrap, str):
+        raise TaskError(f"{where}={wrap!r}: give a string with an {{instruction}} placeholder")
+    try:
+        names = {n for _, n, _, _ in string.Formatter().parse(wrap) if n is not None}
+    except ValueError as e:
+        raise TaskError(f"{where}: not a format string ({e}); write literal braces as {{{{ }}}}"
+                        ) from None
+    if names != {"instruction"}:
+        raise TaskError(f"{where} has placeholders {sorted(names)}; it needs exactly "
+                        "{instruction} (the rendered judge prompt)")
+    return wrap
+
+
+def numeric_spec_from_dict(d: dict | None, path) -> NumericSpec:
+    """The `numeric:` section of task file `path` (None: the defaults); a bad value raises
+    TaskError naming the file and field."""
+    if d is None:
+        return NumericSpec()
+    if not isinstance(d, dict):
+        raise TaskError(f"{path}: numeric={d!r}: expected a mapping with keys "
+                        f"{sorted(_SPEC_KEYS)}")
+    unknown = sorted(set(d) - _SPEC_KEYS)
+    if unknown:
+        raise TaskError(f"{path}: numeric: unknown key(s) {unknown}; known keys: "
+                        f"{sorted(_SPEC_KEYS)}")
+    ranges = d.get("ranges", [list(r) for r in DEFAULT_RANGES])
+    if not isinstance(ranges, (list, tuple)) or not ranges:
+        raise TaskError(f"{path}: numeric.ranges={ranges!r}: give a non-empty list of "
+                        "[low, high] pairs, e.g. [[1, 5], [0, 9], [1, 100]]")
+    parsed = []
+    for i, r in enumerate(ranges):
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(map(_is_int, r))
+                and 0 <= r[0] < r[1]):
+            raise TaskError(f"{path}: numeric.ranges[{i}]={r!r}: need [low, high] with "
+                            "integers 0 <= low < high")
+        parsed.append((int(r[0]), int(r[1])))
+    if len(set(parsed)) != len(parsed):
+        raise TaskError(f"{path}: numeric.ranges={ranges!r}: a range is listed twice")
+    read = d.get("read", "logits")
+    if read not in READS:
+        raise TaskError(f"{path}: numeric.read={read!r}; choose one of {list(READS)}")
+    max_new = d.get("max_new_tokens", 8)
+    if not _is_int(max_new) or max_new < 1:
+        raise TaskError(f"{path}: numeric.max_new_tokens={max_new!r}: need an integer >= 1")
+    wrap = check_wrap(d.get("wrap", NumericSpec.wrap), f"{path}: numeric.wrap")
+    primer = d.get("primer", NumericSpec.primer)
+    if not isinstance(primer, str):
+        raise TaskError(f"{path}: numeric.primer={primer!r}: need a string (may be empty)")
+    return NumericSpec(tuple(parsed), read, max_new, wrap, primer)
+
+
+# ------------------------------------------------------------------------------ the data
+def _gold(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{where}: gold {value!r} must be a finite number")
+    return float(value)
+
+
+def _text(r: dict, key: str, where: str) -> str:
+    value = _need(r, key, where)
+    if not isinstance(value, str) or not value.strip():
+        raise FormatError(f"{where}: field {key!r} must be a non-empty string")
+    return value
+
+
+def _graded_row(r: dict, where: str, n: int, stem: str) -> dict:
+    out = {"id": str(r.get("id", f"{stem}-{n}")), "question": _text(r, "question", where),
+           "answer": _text(r, "answer", where)}
+    if r.get("gold") is not None:
+        out["gold"] = _gold(r["gold"], where)
+    if r.get("lang") is not None:
+        out["lang"] = str(r["lang"])
+    if isinstance(r.get("meta"), dict):
+        out["meta"] = r["meta"]
+    return out
+
+
+def graded_jsonl(path: Path, strict: bool = True) -> Examples:
+    """Graded answers, JSON Lines: {"id", "question", "answer", "gold" (optional number: a
+    higher grade is a better answer), "lang" (optional), "meta" (optional object)} ->
+    "graded" examples with those keys."""
+    path = Path(path)
+    return _jsonl(path, lambda r, where, n: _graded_row(r, where, n, path.stem), strict)
+
+
+_TASK_KEYS = {"name", "kind", "data", "templates", "description", "separator", "generation",
+              "numeric", "metrics"}
+
+
+def load_numeric_task(path) -> TaskSpec:
+    """A `kind: numeric` task file -> TaskSpec with `.numeric` (a NumericSpec) and its examples'
+    reader `graded_jsonl`; errors name the file and field. (`hibari eval` reads these files
+    through hibari.evaluation.tasks once the kind is registered there; this reader lets the
+    probe run on its own.)"""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"numeric task {str(path)!r}: no such file")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(d, dict):
+        raise TaskError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(d) - _TASK_KEYS)
+    if unknown:
+        raise TaskError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(_TASK_KEYS)}")
+    if d.get("kind") != "numeric":
+        raise TaskError(f"{path}: kind={d.get('kind')!r}; this reader takes kind: numeric")
+    data = d.get("data") or {}
+    if data.get("format") != "graded_jsonl" or "path" not in data:
+        raise TaskError(f"{path}: data needs {{format: graded_jsonl, path: ...}}")
+    templates = d.get("templates")
+    if not templates or not isinstance(templates, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("prompt"), str) for t in templates):
+        raise TaskError(f"{path}: templates must be a non-empty list of {{prompt: ...}}")
+    gen = d.get("generation") or {}
+    task = TaskSpec(name=d.get("name") or path.stem, kind="numeric", data_format="graded_jsonl",
+                    data_path=path.parent / data["path"],
+                    templates=[Template(t["prompt"], t.get("target", "")) for t in templates],
+                    source=path, description=d.get("description", ""),
+                    separator=d.get("separator", "\n\n"), metrics=tuple(d.get("metrics") or ()),
+                    stop=tuple(gen.get("stop", ["\n"])))
+    task.numeric = numeric_spec_from_dict(d.get("numeric"), path)
+    return task
+
+
+# ------------------------------------------------------------------------------ prompts
+def numeric_context(task, template, example: dict, low: int, high: int) -> str:
+    """The judge prompt for one item and range: the template rendered with the example's
+    fields and {low}/{high} (after the task's description), inside `numeric.wrap`, then the
+    primer."""
+    spec = task_numeric(task)
+    inner = build_context(task, template, {**example, "low": low, "high": high}, [])
+    return spec.wrap.format(instruction=inner) + spec.primer
+
+
+def task_numeric(task) -> NumericSpec:
+    spec = getattr(task, "numeric", None)
+    if not isinstance(spec, NumericSpec):
+        raise TaskError(f"{task.source}: task {task.name!r} has no numeric: section "
+                        "(a numeric task needs one; see hibari.evaluation.numeric)")
+    return spec
+
+
+# ------------------------------------------------------------------------------ logits
+@functools.lru_cache(maxsize=None)
+def _next_token_scorer():
+    """A jitted (cfg, params, inputs[b, t], segments[b, t], last[b]) -> log p(next token)[b, v]
+    at position `last` of each row (only those positions are unembedded)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hibari.model import hidden, unembed
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(cfg, params, inputs, segments, last):
+        h = hidden(cfg, params, inputs, segments)
+        hs = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        return jax.nn.log_softmax(unembed(cfg, params, hs).astype(jnp.float32), axis=-1)
+    return run
+
+
+def _next_token_logprobs(lm, rows: Sequence[tuple[int, ...]], wanted: Sequence[set[int]],
+                         width_multiple: int = 64) -> list[dict[int, float]]:
+    """{token: log p(token | row)} for the `wanted` tokens after each token row (rows cut from
+    the left to `lm.max_len`, as `lm.loglikelihood` does), batched by padded width."""
+    run = _next_token_scorer()
+    tok = lm.tokenizer
+    out: list = [None] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(rows):
+        n = min(len(ids), lm.max_len)
+        groups.setdefault(-(-n // width_multiple) * width_multiple, []).append(i)
+    b = lm.batch_size
+    for width, members in sorted(groups.items()):
+        for start in range(0, len(members), b):
+            chunk = members[start:start + b]
+            inputs = np.full((b, width), tok.pad_id, np.int32)
+            segments = np.zeros((b, width), np.int32)
+            last = np.zeros((b,), np.int32)
+            for r, i in enumerate(chunk):
+                ids = rows[i][-lm.max_len:]
+                inputs[r, :len(ids)], segments[r, :len(ids)], last[r] = ids, 1, len(ids) - 1
+            logp = np.asarray(run(lm.cfg, lm.params, inputs, segments, last))
+            for r, i in enumerate(chunk):
+                out[i] = {t: float(logp[r, t]) for t in wanted[i]}
+    return out
+
+
+def number_logprobs(lm, contexts: Sequence[str], labels: Sequence[str]) -> list[list[float]]:
+    """log p(the model writes label, and the number ends there | context) per context and
+    label (" 1" ... " 100"), from the next-token distributions along the labels' tokens.
+
+    A label's log-probability is the sum of its tokens' log-probabilities (as
+    `lm.loglikelihood` scores the pair), plus, when its tokens are a proper prefix of another
+    label's (" 1" of " 10"), the log-probability that no token continuing it into a longer label
+    follows (1 - p(continuation tokens)): so " 1" is not counted twice inside " 10" ... " 19".
+    Labels that are nobody's prefix (each a single token, the usual 1-5 and 0-9 case) need
+    one row per context; 1-100 with single-digit tokens needs 11. Rows are the distinct
+    token prefixes, scored once each; a row longer than `lm.max_len` is cut from the left, so
+    each token is conditioned on at most the max_len tokens before it (for a context that long,
+    `lm.loglikelihood` instead cuts the whole request once)."""
+    tok = lm.tokenizer
+    per_context = []
+    wanted: dict[tuple[int, ...], set[int]] = {}
+    for c in contexts:
+        seqs = []
+        for label in labels:
+            ctx, cont = tok.encode_pair(c, label)
+            if not cont:
+                raise TaskError(f"label {label!r} has no tokens after the context")
+            seqs.append((tuple(ctx), tuple(cont)))
+        full = {ctx + cont for ctx, cont in seqs}
+        plan = []
+        for ctx, cont in seqs:
+            steps = [(ctx + cont[:j], cont[j]) for j in range(len(cont))]
+            whole = ctx + cont
+            # tokens that continue this label into a longer label of the range
+            longer = {s[len(whole)] for s in full if len(s) > len(whole)
+                      and s[:len(whole)] == whole}
+            for row, t in steps:
+                wanted.setdefault(row, set()).add(t)
+            if longer:
+                wanted.setdefault(whole, set()).update(longer)
+            plan.append((steps, whole, longer))
+        per_context.append(plan)
+    keys = list(wanted)
+    scores = dict(zip(keys, _next_token_logprobs(lm, keys, [wanted[k] for k in keys])))
+    out = []
+    for plan in per_context:
+        row = []
+        for steps, whole, longer in plan:
+            lp = sum(scores[r][t] for r, t in steps)
+            if longer:
+                p_more = sum(math.exp(scores[whole][t]) for t in longer)
+                lp += math.log(max(1.0 - p_more, 1e-300))
+            row.append(lp)
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------ generation
+_INTEGER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def parse_score(text: str, low: int, high: int) -> tuple[int | None, str | None]:
+    """(score, None) for the first number written in `text` when it is an integer in
+    [low, high]; else (None, why): "no number", "not an integer" or "out of range"."""
+    m = _INTEGER.search(text)
+    if m is None:
+        return None, "no number"
+    value = float(m.group())
+    if value != int(value) or "." in m.group():
+        return None, "not an integer"
+    value = int(value)
+    if not low <= value <= high:
+        return None, "out of range"
+    return value, None
+
+
+# ------------------------------------------------------------------------------ statistics
+def histogram(scores: Sequence[int], low: int, high: int) -> list[int]:
+    """Counts of low..high among the scores."""
+    counts = [0] * (high - low + 1)
+    for s in scores:
+        counts[int(s) - low] += 1
+    return counts
+
+
+def entropy_bits(probs: Sequence[float]) -> float:
+    """Shannon entropy in bits of a distribution (counts are normalised; 0 log 0 = 0)."""
+    p = np.asarray(probs, float)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
+    """(tau-b, two-sided p-value) by scipy.stats.kendalltau(variant="b"); (None, None) for
+    fewer than 2 pairs or when either side is constant."""
+    from scipy.stats import kendalltau
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None, None
+    res = kendalltau(x, y, variant="b")
+    tau, p = float(res.statistic), float(res.pvalue)
+    return (None if math.isnan(tau) else tau), (None if math.isnan(p) else p)
+
+
+def score_metrics(scores: Sequence[int | None], golds: Sequence[float | None], low: int,
+                  high: int) -> tuple[dict, dict]:
+    """(metrics, standard errors) of per-item scores (None = no score) on low..high, against
+    the gold grades where both exist. Names as in the module docstring, without the range."""
+    scored = [s for s in scores if s is not None]
+    counts = histogram(scored, low, high)
+    mode = int(np.argmax(counts)) + low if scored else None
+    on_mode = [float(s == mode) for s in scored]
+    pairs = [(s, g) for s, g in zip(scores, golds) if s is not None and g is not None]
+    tau, p = kendall_tau_b([g for _, g in pairs], [s for s, _ in pairs])
+    failed = [float(s is None) for s in scores]
+    metrics = {"mean_score": float(np.mean(scored)) if scored else None,
+               "kurtosis": excess_kurtosis(scored),
+               "entropy_bits": entropy_bits(counts) if scored else None,
+               "modal_share": float(np.mean(on_mode)) if scored else None,
+               "modal_score": mode,
+               "kendall_tau_b": tau, "kendall_p": p, "kendall_n": len(pairs),
+               "parse_failure_rate": float(np.mean(failed)) if scores else None,
+               "n_scored": len(scored)}
+    stderr = {"mean_score": mean_stderr(scored), "modal_share": mean_stderr(on_mode),
+              "parse_failure_rate": mean_stderr(failed)}
+    return metrics, stderr
+
+
+# ------------------------------------------------------------------------------ the task
+def _range_name(low: int, high: int) -> str:
+    return f"{low}-{high}"
+
+
+def run_numeric(lm, task, template, examples, pool, k, progress=None):
+    """(metrics, stderr, records) of one template of a numeric task (`task.numeric`, a
+    NumericSpec): per range, every item judged once; records hold per item and range the
+    prompt, the distribution (logits) or the generation, and the score."""
+    spec = task_numeric(task)
+    if k:
+        raise TaskError(f"{task.source}: numeric tasks run zero-shot (the prompt states the "
+                        f"scale); got {k} few-shot examples: pass --fewshot 0")
+    metrics, stderr, records = {}, {}, []
+    golds = [e.get("gold") for e in examples]
+    extra = {} if progress is None else {"progress": progress}
+    for low, high in spec.ranges:
+        name = _range_name(low, high)
+        contexts = [numeric_context(task, template, e, low, high) for e in examples]
+        base = [{"id": e["id"], "range": name, "low": low, "high": high, "prompt": ctx,
+                 "gold": e.get("gold"), **({"lang": e["lang"]} if "lang" in e else {}),
+                 **({"meta": e["meta"]} if "meta" in e else {})}
+                for e, ctx in zip(examples, contexts)]
+        if spec.read == "logits":
+            if progress is not None:
+                progress.add_total(len(contexts))
+            labels = score_labels(low, high)
+            dists = [softmax(lp) for lp in number_logprobs(lm, contexts, labels)]
+            if progress is not None:
+                progress.advance(len(contexts))
+            values = np.arange(low, high + 1)
+            scores = [int(values[int(np.argmax(d))]) for d in dists]
+            expected = [float(np.dot(d, values)) for d in dists]
+            item_h = [entropy_bits(d) for d in dists]
+            for r, d, s, x, h in zip(base, dists, scores, expected, item_h):
+                r.update(distribution=[float(v) for v in d], score=s, expected=x,
+                         entropy_bits=h)
+            m, se = score_metrics(scores, golds, low, high)
+            del m["parse_failure_rate"], se["parse_failure_rate"]
+            graded = [(g, x) for g, x in zip(golds, expected) if g is not None]
+            tau_x, p_x = kendall_tau_b([g for g, _ in graded], [x for _, x in graded])
+            m.update(mean_expected=float(np.mean(expected)),
+                     kurtosis_expected=excess_kurtosis(expected),
+                     item_entropy_bits=float(np.mean(item_h)),
+                     kendall_tau_b_expected=tau_x, kendall_p_expected=p_x)
+            se.update(mean_expected=mean_stderr(expected), item_entropy_bits=mean_stderr(item_h))
+        else:
+            outputs = lm.generate(contexts, max_new_tokens=spec.max_new_tokens, stop=task.stop,
+                                  **extra)
+            scores = []
+            for r, out in zip(base, outputs):
+                s, why = parse_score(out, low, high)
+                scores.append(s)
+                r.update(output=out, score=s, failure=why)
+            m, se = score_metrics(scores, golds, low, high)
+        metrics.update({f"{name}/{key}": v for key, v in m.items()})
+        stderr.update({f"{name}/{key}": v for key, v in se.items()})
+        records += base
+    return metrics, stderr, records
+
+
+# ------------------------------------------------------------------------------ the plot
+def plot_histograms(results: Sequence[dict], out_png) -> Path:
+    """One panel per range: the share of items given each score, one series per result
+    ({"name": model name, "records": run_numeric's records}); bars side by side for ranges
+    of up to 11 values, step lines above. Returns the PNG's path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranges = []
+    for res in results:
+        for r in res["records"]:
+            if (r["low"], r["high"]) not in ranges:
+                ranges.append((r["low"], r["high"]))
+    if not ranges:
+        raise ValueError("plot_histograms: no records to plot")
+    fig, axes = plt.subplots(1, len(ranges), figsize=(4.6 * len(ranges), 3.6), squeeze=False)
+    width = 0.8 / max(len(results), 1)
+    for ax, (low, high) in zip(axes[0], ranges):
+        values = np.arange(low, high + 1)
+        for j, res in enumerate(results):
+            scores = [r["score"] for r in res["records"] if (r["low"], r["high"]) == (low, high)
+                      and r["score"] is not None]
+            if not scores:
+                continue
+            share = np.asarray(histogram(scores, low, high), float) / len(scores)
+            if len(values) <= 11:
+                ax.bar(values - 0.4 + width * (j + 0.5), share, width, label=res["name"])
+            else:
+                ax.step(values, share, where="mid", label=res["name"])
+        ax.set_title(f"scores {low}-{high}")
+        ax.set_xlabel("score")
+        ax.set_ylabel("share of items")
+        if len(values) <= 11:
+            ax.set_xticks(values)
+    axes[0][0].legend(fontsize=8)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
