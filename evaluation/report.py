@@ -6,6 +6,10 @@ every template's metrics, their spread and the skipped rows; the per-example rec
 `samples/<task>.jsonl` beside it, one JSON line per (template, variant, example) with at least
 `id`, `pred`/`prediction`, `gold`/`answers` and, for log-likelihood tasks, `loglikelihoods` (one
 per choice): every number in results.json can be recomputed from them.
+
+An instruction-language run (`runner.evaluate_language_grid`) adds a `grid` per task (one
+entry per instruction language x label language x template) and each record's `cell`;
+`grid_table` renders it, written to results.grid.md (`grid_path`) beside results.json.
 """
 from __future__ import annotations
 
@@ -44,9 +48,44 @@ def markdown_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+GRID_LABELS = {"acc": "accuracy", "off_label_rate": "off-label rate",
+               "wrong_language_rate": "wrong-language rate"}
+
+
+def grid_table(results: Sequence[dict]) -> str:
+    """One table per task that has a `grid`: a row per (instruction language, label language,
+    template) with n and each metric's value ± standard error; "(MT from en)" marks a
+    machine-translated language."""
+    blocks = []
+    for r in results:
+        if not r.get("grid"):
+            continue
+        names = list(dict.fromkeys(m for cell in r["grid"] for m in cell["metrics"]))
+        lines = [f"{r['task']} ({r['kind']}, {r['fewshot']}-shot): instruction language x "
+                 "label language", "",
+                 "| instruction | labels | template | n | " +
+                 " | ".join(f"{GRID_LABELS.get(m, m)} ± s.e." for m in names) + " |",
+                 "|---|---|---|---|" + "---|" * len(names)]
+        for cell in r["grid"]:
+            mt = cell.get("machine_translated", {})
+            shown = [f"{c} (MT from {mt[c]})" if c in mt else c
+                     for c in (cell["instruction"], cell["labels"])]
+            values = [_with_stderr(cell["metrics"][m], cell["stderr"].get(m))
+                      if m in cell["metrics"] else "" for m in names]
+            lines.append(f"| {shown[0]} | {shown[1]} | {cell['template']} | {cell['n']} | " +
+                         " | ".join(values) + " |")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def grid_path(json_path: str | Path) -> Path:
+    """Where `write_results` puts the instruction-language grid tables: results.grid.md."""
+    return Path(json_path).with_suffix(".grid.md")
+
+
 def write_results(out: str | Path, results: Sequence[dict], meta: dict) -> tuple[Path, Path]:
     """`out` is a directory (results.json + results.md + samples/ inside) or a *.json file path
-    (the table and samples/ go beside it)."""
+    (the table and samples/ go beside it); results.grid.md too when a result has a `grid`."""
     out = Path(out)
     json_path = out if out.suffix == ".json" else out / "results.json"
     samples_dir = json_path.parent / "samples"
@@ -62,6 +101,8 @@ def write_results(out: str | Path, results: Sequence[dict], meta: dict) -> tuple
     json_path.write_text(json.dumps({"meta": meta, "results": summary}, indent=1,
                                     ensure_ascii=False, default=str), encoding="utf-8")
     md_path.write_text(markdown_table(results), encoding="utf-8")
+    if any(r.get("grid") for r in results):
+        grid_path(json_path).write_text(grid_table(results), encoding="utf-8")
     return json_path, md_path
 
 

@@ -14,9 +14,16 @@ Accuracies (and generation / pass@k scores) come with the standard error of thei
 log-likelihood, token and byte count, the predictions and the gold answer ("variant" is
 "original" or "gold_at_<position>" for the permutations); `report.write_results` writes them to
 samples/<task>.jsonl.
+
+Instruction languages: `evaluate_language_grid(lm, task, ["en", "ja"], ["en", "ja"])` runs every
+(instruction language, label language) cell of a task with a `languages:` mapping: the
+instruction language's templates, the label language's labels as the choices. Choice tasks
+score each label as the continuation (acc, acc_norm, acc_bytes); generate tasks decode greedily
+and read the label from the output (`run_generate`): acc, off_label_rate, wrong_language_rate.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Sequence
@@ -37,9 +44,13 @@ from hibari.evaluation.tasks import (
     TaskSpec,
     Template,
     build_context,
+    check_language_grid,
+    match_label,
     render_target,
     select_fewshot,
     validate_examples,
+    with_labels,
+    wrong_script,
 )
 from hibari.evaluation.tokenizer import utf8_len
 
@@ -174,19 +185,48 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
     return result, stderr, records + extra
 
 
-def run_generate(lm, task, template, examples, pool, k, progress=None):
+LABEL_METRICS = {"acc": "correct", "off_label_rate": "off_label",
+                 "wrong_language_rate": "wrong_language"}  # metric -> its 0/1 record field
+
+
+def run_generate(lm, task, template, examples, pool, k, progress=None, script=None):
+    """Greedy generations scored against the answers; on choice data (classification by
+    generation) also against the label set, the examples' choices:
+      prediction       `tasks.match_label`: the label the output starts with (after NFKC,
+                       case folding and stripping whitespace/punctuation), else the only label
+                       it contains; None when it gives no label or several
+      acc              prediction == gold (an output without a label counts as wrong)
+      off_label_rate   prediction is None: the output is outside the label set
+      wrong_language_rate  (with `script`, the label language's) fewer than half the output's
+                       letters are in that script (`tasks.wrong_script`)
+    each with its standard error."""
     contexts = _contexts(task, template, examples, pool, k)
     outputs = lm.generate(contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,
                           **_progress(progress))
     names = [m for m in task.metrics if m in text_metrics.GENERATION_METRICS]
+    labelled = all("choices" in e for e in examples)
+    if labelled:
+        names += [m for m in task.metrics if m in LABEL_METRICS
+                  and (m != "wrong_language_rate" or script is not None)]
     records = []
     for e, ctx, out in zip(examples, contexts, outputs):
         pred = out.strip()
-        scores = {m: text_metrics.GENERATION_METRICS[m](pred, e["answers"]) for m in names}
-        records.append({"id": e["id"], "prompt": ctx, "output": out, "prediction": pred,
-                        "answers": e["answers"], **scores})
-    return ({m: float(np.mean([r[m] for r in records])) for m in names},
-            {m: mean_stderr(r[m] for r in records) for m in names}, records)
+        answers = [e["choices"][e["gold"]]] if labelled else e["answers"]
+        scores = {m: text_metrics.GENERATION_METRICS[m](pred, answers) for m in names
+                  if m in text_metrics.GENERATION_METRICS}
+        record = {"id": e["id"], "prompt": ctx, "output": out, "prediction": pred,
+                  "answers": answers, **scores}
+        if labelled:
+            index, how = match_label(out, e["choices"])
+            record.update(prediction=None if index is None else e["choices"][index],
+                          pred=index, match=how, gold=e["gold"], correct=index == e["gold"],
+                          off_label=index is None)
+            if script is not None:
+                record["wrong_language"] = wrong_script(out, script)
+        records.append(record)
+    field = {m: LABEL_METRICS.get(m, m) for m in names}
+    return ({m: float(np.mean([r[field[m]] for r in records])) for m in names},
+            {m: mean_stderr(r[field[m]] for r in records) for m in names}, records)
 
 
 def run_perplexity(lm, task, template, examples, window=None, stride=None, progress=None):
@@ -227,13 +267,13 @@ def run_code(lm, task, template, examples, pool, k, *, seed=0, progress=None):
 
 
 def _run_template(lm, task, template, examples, pool, k, calibrate, permute, partial,
-                  progress=None):
+                  progress=None, script=None):
     """(metrics, their standard errors, sample records) of one template."""
     if task.kind == "choice":
         return run_choice(lm, task, template, examples, pool, k, calibrate=calibrate,
                           permute=permute, partial=partial, progress=progress)
     if task.kind == "generate":
-        return run_generate(lm, task, template, examples, pool, k, progress)
+        return run_generate(lm, task, template, examples, pool, k, progress, script)
     if task.kind == "perplexity":
         return run_perplexity(lm, task, template, examples, progress=progress)
     return run_code(lm, task, template, examples, pool, k, progress=progress)
@@ -278,6 +318,67 @@ def check_partial_input(task: TaskSpec, examples, fields) -> None:
                         f"choose from {known}")
 
 
+def _read(task: TaskSpec, fewshot, limit, strict):
+    """(examples[:limit], few-shot pool, k, the read stats of both files)."""
+    examples = task.examples(strict)
+    validate_examples(task, examples)
+    k = task.default_fewshot if fewshot is None else fewshot
+    pool = task.fewshot_pool(strict) if k else []
+    read = [examples.stats] + ([pool.stats] if k and task.fewshot_path is not None else [])
+    return (examples[:limit] if limit else examples), pool, k, read
+
+
+def _skipped(read) -> dict:
+    return {"count": sum(s.bad for s in read),
+            "rows": [row for s in read for row in s.bad_examples]}
+
+
+def evaluate_language_grid(lm: LanguageModel, task: TaskSpec,
+                           instruction_languages: Sequence[str],
+                           label_languages: Sequence[str] | None = None, *,
+                           fewshot: int | None = None, templates=None, limit: int | None = None,
+                           strict: bool = False, progress: Progress | None = None) -> dict:
+    """Every (instruction language, label language) cell of a task with `languages:` (label
+    languages default to the instruction languages), for each selected template of the
+    instruction language. `grid`: one entry per cell {instruction, labels, template, n,
+    machine_translated, metrics, stderr}; `metrics` / `stderr`: the first template's cells
+    flattened as "<metric>[<instruction>/<labels>]"; `records`: one per (cell, template,
+    example) with its `cell` {instruction, labels}, prompt, output / log-likelihoods and
+    prediction."""
+    instruction_languages = list(instruction_languages)
+    label_languages = list(label_languages or instruction_languages)
+    check_language_grid(task, instruction_languages, label_languages)
+    examples, pool, k, read = _read(task, fewshot, limit, strict)
+    t0 = time.perf_counter()
+    grid, records, flat, flat_se = [], [], {}, {}
+    for il in instruction_languages:
+        cell_task = dataclasses.replace(task, templates=list(task.languages[il].templates))
+        indices = _template_indices(cell_task, templates)
+        for ll in label_languages:
+            lang = task.languages[ll]
+            where = f"{task.source}: languages.{ll}.labels"
+            ex = with_labels(examples, lang.labels, where)
+            shots = with_labels(pool, lang.labels, where) if k else []
+            for index in indices:
+                m, se, recs = _run_template(lm, cell_task, cell_task.templates[index], ex, shots,
+                                            k, False, False, (), progress, lang.script)
+                cell = {"instruction": il, "labels": ll}
+                grid.append({**cell, "template": index, "n": len(ex),
+                             "machine_translated": {c: task.languages[c].translated_from
+                                                    for c in (il, ll)
+                                                    if task.languages[c].machine_translated},
+                             "metrics": m, "stderr": se})
+                records += [{"cell": cell, "template": index, **r} for r in recs]
+                if index == indices[0]:
+                    flat.update({f"{name}[{il}/{ll}]": v for name, v in m.items()})
+                    flat_se.update({f"{name}[{il}/{ll}]": v for name, v in se.items()})
+    return {"task": task.name, "kind": task.kind, "fewshot": k, "n": len(examples),
+            "instruction_languages": instruction_languages, "label_languages": label_languages,
+            "grid": grid, "metrics": flat, "stderr": flat_se, "templates": [],
+            "template_spread": {}, "skipped": _skipped(read),
+            "seconds": round(time.perf_counter() - t0, 3), "records": records}
+
+
 def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = None,
                   templates=None, limit: int | None = None, calibrate: bool = False,
                   permute: bool = False, strict: bool = False,
@@ -290,14 +391,8 @@ def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = No
     `progress` (e.g. `hibari.base.progress.progress_bar(task.name, 0, unit=" requests")`):
     advanced per batch of model requests, its total growing with each pass; the caller
     finishes it."""
-    examples = task.examples(strict)
-    validate_examples(task, examples)
+    examples, pool, k, read = _read(task, fewshot, limit, strict)
     check_partial_input(task, examples, partial_input)
-    k = task.default_fewshot if fewshot is None else fewshot
-    pool = task.fewshot_pool(strict) if k else []
-    read = [examples.stats] + ([pool.stats] if k and task.fewshot_path is not None else [])
-    if limit:
-        examples = examples[:limit]
     t0 = time.perf_counter()
     per_template, records = [], []
     for index in _template_indices(task, templates):
@@ -309,6 +404,5 @@ def evaluate_task(lm: LanguageModel, task: TaskSpec, *, fewshot: int | None = No
             "metrics": per_template[0]["metrics"], "stderr": per_template[0]["stderr"],
             "templates": per_template,
             "template_spread": spread([t["metrics"] for t in per_template]),
-            "skipped": {"count": sum(s.bad for s in read),
-                        "rows": [row for s in read for row in s.bad_examples]},
+            "skipped": _skipped(read),
             "seconds": round(time.perf_counter() - t0, 3), "records": records}

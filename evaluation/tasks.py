@@ -13,12 +13,33 @@ Data paths are relative to the YAML file. Prompt fields are the example's keys p
 `letter` (choice tasks), `answer` (generate: the first reference) or the example's keys.
 Few-shot examples for an example are drawn from the pool by `random.Random(f"{seed}:{id}")`
 (excluding the example itself), so the selection and its order depend only on the seed and
-the example, never on batching or on which other examples run.
+the example, never on batching or on which other examples run. Choice examples also give
+`label_0`, `label_1`, ... (the i-th choice text), so an instruction can name the answer labels.
+`max_words: {text: 80}` cuts those fields to their first N whitespace-separated words (+ " ...")
+when the examples are read, to keep prompts of long documents bounded.
+
+A generate task may read choice data (classification by generation): its examples keep their
+choices (the label set) and gold; `answer` is the gold label. See `runner.run_generate`.
+
+Instruction languages (`hibari eval --instruction-language en ja`): a choice or generate task
+may carry its instructions and answer labels in several languages,
+
+    languages:
+      en: {templates: [{prompt: "...", target: " {choice}"}], labels: [negative, positive]}
+      ja: {templates: [...], labels: [否定的, 肯定的]}
+      ja-mt: {templates: [...], machine_translated: true, translated_from: en}
+
+`templates` (same form as the top level) are used when the language is the instruction
+language, `labels` (one per class, in the order of the examples' choices) replace the choices
+when it is the label language. `script` (latin | japanese) is the writing system the labels'
+language is written in, for the wrong-language rate; it defaults from the code before any "-"
+(en, fr, de, ... latin; ja japanese).
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +61,27 @@ class TaskError(UserError, ValueError):
 class Template:
     prompt: str
     target: str = " {answer}"
+
+
+SCRIPTS = ("latin", "japanese")
+DEFAULT_SCRIPTS = {**{c: "latin" for c in ("en", "fr", "de", "es", "it", "pt", "nl", "id", "vi")},
+                   "ja": "japanese"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Language:
+    """One entry of a task's `languages:` mapping."""
+    code: str
+    templates: tuple[Template, ...] = ()  # () : not usable as an instruction language
+    labels: tuple[str, ...] = ()          # () : not usable as a label language
+    script: str = "latin"
+    machine_translated: bool = False
+    translated_from: str | None = None
+
+    @property
+    def display(self) -> str:
+        return f"{self.code} (MT from {self.translated_from})" if self.machine_translated \
+            else self.code
 
 
 @dataclasses.dataclass
@@ -68,22 +110,41 @@ class TaskSpec:
     timeout_s: float = 5.0
     bias: str | None = None  # choice tasks: a kind of evaluation.bias.METRICS
     bias_score: str = "sum"  # how choices are compared for the bias metrics: sum | per_token
+    max_words: dict[str, int] = dataclasses.field(default_factory=dict)
+    languages: dict[str, Language] = dataclasses.field(default_factory=dict)
 
     def examples(self, strict: bool = False) -> Examples:
         """The task's examples; malformed rows skipped and listed in `.skipped` unless strict."""
-        return read_examples(self.data_format, self.data_path, strict)
+        return self._cut(read_examples(self.data_format, self.data_path, strict))
 
     def fewshot_pool(self, strict: bool = False) -> Examples:
         if self.fewshot_path is None:
             return self.examples(strict)
-        return read_examples(self.fewshot_format, self.fewshot_path, strict)
+        return self._cut(read_examples(self.fewshot_format, self.fewshot_path, strict))
+
+    def _cut(self, examples: Examples) -> Examples:
+        if not self.max_words:
+            return examples
+        return Examples([{**e, **{f: truncate_words(e[f], n) for f, n in self.max_words.items()
+                                  if isinstance(e.get(f), str)}} for e in examples],
+                        examples.stats)
+
+
+def truncate_words(text: str, n: int) -> str:
+    """The first `n` whitespace-separated words of `text`, + " ..." when words were cut."""
+    words = text.split()
+    return text if len(words) <= n else " ".join(words[:n]) + " ..."
 
 
 DEFAULT_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes"), "generate": ("exact_match", "char_f1"),
                    "perplexity": ("bits_per_byte", "token_perplexity", "word_perplexity"),
                    "code": ("pass@1",)}
+# a generate task on choice data (classification by generation): see runner.run_generate
+LABEL_GENERATION_METRICS = ("acc", "off_label_rate", "wrong_language_rate")
 _KNOWN_KEYS = {"name", "kind", "data", "fewshot", "templates", "description", "separator",
-               "metrics", "generation", "content_free", "perplexity", "code", "bias"}
+               "metrics", "generation", "content_free", "perplexity", "code", "bias",
+               "max_words", "languages"}
+_LANGUAGE_KEYS = {"templates", "labels", "script", "machine_translated", "translated_from"}
 
 
 def _fail(path, msg):
@@ -102,17 +163,12 @@ def task_from_dict(d: dict, path: Path) -> TaskSpec:
         _fail(path, "data needs {format: ..., path: ...}")
     if data["format"] not in READERS:
         _fail(path, f"data.format={data['format']!r}; choose one of {sorted(READERS)}")
-    if READERS[data["format"]][0] != KINDS[kind]:
+    accepted = {KINDS[kind]} | ({"choice"} if kind == "generate" else set())
+    if READERS[data["format"]][0] not in accepted:
         _fail(path, f"data.format={data['format']!r} gives {READERS[data['format']][0]!r} "
                     f"examples, but kind={kind!r} needs {KINDS[kind]!r} examples")
     templates = d.get("templates") or ([{"prompt": "{text}"}] if kind == "perplexity" else None)
-    if not templates or not isinstance(templates, list):
-        _fail(path, "templates must be a non-empty list of {prompt: ..., target: ...}")
-    parsed = []
-    for i, t in enumerate(templates):
-        if not isinstance(t, dict) or "prompt" not in t:
-            _fail(path, f"templates[{i}] needs a 'prompt'")
-        parsed.append(Template(t["prompt"], t.get("target", " {answer}")))
+    parsed = _templates(path, "templates", templates)
     fewshot = d.get("fewshot") or {}
     gen = d.get("generation") or {}
     ppl = d.get("perplexity") or {}
@@ -125,7 +181,9 @@ def task_from_dict(d: dict, path: Path) -> TaskSpec:
         fewshot_format=fewshot.get("format"),
         fewshot_path=base / fewshot["path"] if fewshot.get("path") else None,
         fewshot_seed=int(fewshot.get("seed", 1234)), default_fewshot=int(fewshot.get("k", 0)),
-        metrics=tuple(d["metrics"] if d.get("metrics") is not None else DEFAULT_METRICS[kind]),
+        metrics=tuple(d["metrics"] if d.get("metrics") is not None else
+                      LABEL_GENERATION_METRICS if READERS[data["format"]][0] != KINDS[kind]
+                      else DEFAULT_METRICS[kind]),
         max_new_tokens=int(gen.get("max_new_tokens", 32)),
         stop=tuple(gen.get("stop", ["\n"])),
         content_free=tuple(d.get("content_free", ("N/A", "", "[MASK]"))),
@@ -143,7 +201,144 @@ def task_from_dict(d: dict, path: Path) -> TaskSpec:
         spec.bias, spec.bias_score = bias["kind"], bias.get("score", "sum")
     if spec.fewshot_path is not None and spec.fewshot_format not in READERS:
         _fail(path, f"fewshot.format={spec.fewshot_format!r}; choose one of {sorted(READERS)}")
+    max_words = d.get("max_words") or {}
+    if not isinstance(max_words, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in max_words.values()):
+        _fail(path, f"max_words={max_words!r}: give {{field: positive number of words}}")
+    spec.max_words = {str(f): n for f, n in max_words.items()}
+    if d.get("languages") is not None:
+        if kind not in ("choice", "generate"):
+            _fail(path, f"languages: only choice and generate tasks can have them (kind={kind!r})")
+        spec.languages = _languages(path, d["languages"])
     return spec
+
+
+def _templates(path: Path, field: str, templates) -> list[Template]:
+    if not templates or not isinstance(templates, list):
+        _fail(path, f"{field} must be a non-empty list of {{prompt: ..., target: ...}}")
+    parsed = []
+    for i, t in enumerate(templates):
+        if not isinstance(t, dict) or "prompt" not in t:
+            _fail(path, f"{field}[{i}] needs a 'prompt'")
+        parsed.append(Template(t["prompt"], t.get("target", " {answer}")))
+    return parsed
+
+
+def _languages(path: Path, languages) -> dict[str, Language]:
+    """The `languages:` mapping -> {code: Language}; every error names the field at fault."""
+    if not isinstance(languages, dict) or not languages:
+        _fail(path, "languages must be a mapping of language code -> {templates, labels}")
+    out = {}
+    for code, entry in languages.items():
+        code, field = str(code), f"languages.{code}"
+        if not isinstance(entry, dict):
+            _fail(path, f"{field} must be a mapping with templates and/or labels")
+        unknown = sorted(set(entry) - _LANGUAGE_KEYS)
+        if unknown:
+            _fail(path, f"{field}: unknown key(s) {unknown}; known: {sorted(_LANGUAGE_KEYS)}")
+        if "templates" not in entry and "labels" not in entry:
+            _fail(path, f"{field} needs templates (instructions) and/or labels")
+        templates = _templates(path, f"{field}.templates", entry["templates"]) \
+            if "templates" in entry else []
+        labels = entry.get("labels", [])
+        if "labels" in entry and (not isinstance(labels, list) or len(labels) < 2 or not all(
+                isinstance(x, str) and normalize_output(x) for x in labels)):
+            _fail(path, f"{field}.labels must be a list of at least 2 non-empty strings, one "
+                        f"per class in the order of the examples' choices (got {labels!r})")
+        if len({normalize_output(x) for x in labels}) < len(labels):
+            _fail(path, f"{field}.labels {labels!r}: two labels are the same once normalised")
+        script = entry.get("script", DEFAULT_SCRIPTS.get(code.split("-")[0]))
+        if script not in SCRIPTS:
+            _fail(path, f"{field}.script={script!r}: give the script its labels are written in, "
+                        f"one of {list(SCRIPTS)}")
+        mt = entry.get("machine_translated", False)
+        if not isinstance(mt, bool):
+            _fail(path, f"{field}.machine_translated={mt!r}: true or false")
+        source = entry.get("translated_from")
+        if mt and source not in languages:
+            _fail(path, f"{field}.translated_from={source!r}: a machine-translated entry names "
+                        f"the language it was translated from, one of {sorted(languages)}")
+        out[code] = Language(code, tuple(templates), tuple(labels), script, mt,
+                             str(source) if source is not None else None)
+    sizes = {code: len(lang.labels) for code, lang in out.items() if lang.labels}
+    if len(set(sizes.values())) > 1:
+        _fail(path, f"languages: every labels list needs the same number of classes, got {sizes}")
+    return out
+
+
+def check_language_grid(task: TaskSpec, instruction: list[str], labels: list[str]) -> None:
+    """Raise TaskError unless `task` has every instruction language's templates and every label
+    language's labels."""
+    if not task.languages:
+        raise TaskError(f"{task.source}: task {task.name} has no `languages:` mapping, so "
+                        "--instruction-language cannot run it (see evaluation/tasks/"
+                        "imdb_sentiment_xlang.yaml)")
+    have = sorted(task.languages)
+    for role, codes, attr in (("instruction", instruction, "templates"),
+                              ("label", labels, "labels")):
+        for code in codes:
+            if code not in task.languages:
+                raise TaskError(f"{task.source}: {role} language {code!r} is not in languages "
+                                f"(has {have})")
+            if not getattr(task.languages[code], attr):
+                raise TaskError(f"{task.source}: languages.{code} has no {attr}, so it cannot be "
+                                f"a{'n' if role == 'instruction' else ''} {role} language")
+
+
+def with_labels(examples: list[dict], labels: tuple[str, ...], where: str) -> list[dict]:
+    """The examples with their choices replaced by `labels` (one per class, same order)."""
+    for e in examples:
+        if len(e.get("choices", ())) != len(labels):
+            raise TaskError(f"{where}: {len(labels)} labels but example {e['id']} has "
+                            f"{len(e.get('choices', ()))} choices")
+    return [{**e, "choices": list(labels)} for e in examples]
+
+
+# ----------------------------------------------------------------------- generated labels
+def normalize_output(text: str) -> str:
+    """NFKC, case-folded, without leading or trailing whitespace, punctuation and symbols (so
+    ' **Positive.**', '「肯定的」' and 'positive' compare equal)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    def skip(c):
+        return c.isspace() or unicodedata.category(c)[0] in "PSZ"
+    start, end = 0, len(text)
+    while start < end and skip(text[start]):
+        start += 1
+    while end > start and skip(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def match_label(output: str, labels) -> tuple[int | None, str | None]:
+    """(index of the label the output gives, how: "prefix" | "contains") or (None, None).
+    Both sides normalised (`normalize_output`); the label the output starts with (the longest
+    if several do), else the one label it contains anywhere; no label or several -> None."""
+    out = normalize_output(output)
+    norm = [normalize_output(x) for x in labels]
+    starts = [i for i, x in enumerate(norm) if out.startswith(x)]
+    if starts:
+        return max(starts, key=lambda i: len(norm[i])), "prefix"
+    inside = [i for i, x in enumerate(norm) if x in out]
+    return (inside[0], "contains") if len(inside) == 1 else (None, None)
+
+
+def char_script(c: str) -> str | None:
+    """"japanese" (kana, CJK ideographs), "latin", "other" for a letter; None for a non-letter."""
+    if not c.isalpha():
+        return None
+    o = ord(c)
+    if (0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0x3400 <= o <= 0x4DBF
+            or 0x4E00 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0xFF66 <= o <= 0xFF9F):
+        return "japanese"
+    return "latin" if "LATIN" in unicodedata.name(c, "") else "other"
+
+
+def wrong_script(output: str, script: str) -> bool:
+    """True when the output has letters and fewer than half of them are in `script`: e.g.
+    'positive' when Japanese was asked, '肯定的' or 'ポジティブ' when English was; an output with
+    no letter (empty, digits, punctuation) is in no language, so never wrong."""
+    scripts = [s for s in map(char_script, unicodedata.normalize("NFKC", output)) if s]
+    return bool(scripts) and scripts.count(script) * 2 < len(scripts)
 
 
 def list_tasks() -> list[str]:
@@ -187,6 +382,9 @@ def prompt_fields(example: dict) -> dict[str, Any]:
     if "choices" in example:
         fields["choices_block"] = "\n".join(f"{LETTERS[i]}. {c}"
                                             for i, c in enumerate(example["choices"]))
+        fields.update({f"label_{i}": c for i, c in enumerate(example["choices"])})
+        if "gold" in example:  # a generate task on choice data: the gold label
+            fields["answer"] = example["choices"][example["gold"]]
     if example.get("answers"):
         fields["answer"] = example["answers"][0]
     return fields
@@ -200,7 +398,7 @@ def render_target(task: TaskSpec, template: Template, example: dict,
                   choice: int | None = None) -> str:
     """The scored continuation: choice `choice` (choice tasks) or the gold answer."""
     fields = prompt_fields(example)
-    if task.kind == "choice":
+    if "choices" in example:  # choice tasks and generate tasks on choice data
         i = example["gold"] if choice is None else choice
         fields.update(choice=example["choices"][i], letter=LETTERS[i])
     return _format(template.target, fields, f"{task.source}: target")
@@ -227,8 +425,8 @@ def build_context(task: TaskSpec, template: Template, example: dict, shots: list
 
 
 def validate_examples(task: TaskSpec, examples: list[dict]) -> None:
-    if task.kind == "choice":
+    if task.kind in ("choice", "generate"):
         for e in examples:
-            if not 0 <= e["gold"] < len(e["choices"]):
+            if "choices" in e and not 0 <= e["gold"] < len(e["choices"]):
                 raise FormatError(f"{task.data_path}: example {e['id']}: gold {e['gold']} "
                                   f"outside its {len(e['choices'])} choices")
