@@ -273,6 +273,8 @@ def number_logprobs(lm, contexts: Sequence[str], labels: Sequence[str]) -> list[
     `lm.loglikelihood` scores the pair), plus, when its tokens are a proper prefix of another
     label's (" 1" of " 10"), the log-probability that no token continuing it into a longer label
     follows (1 - p(continuation tokens)): so " 1" is not counted twice inside " 10" ... " 19".
+    Whatever else follows counts as the end of the number: " 4.5" counts for 4 here (the
+    generation read calls it a parse failure, "not an integer").
     Labels that are nobody's prefix (each a single token, the usual 1-5 and 0-9 case) need
     one row per context; 1-100 with single-digit tokens needs 11. Rows are the distinct
     token prefixes, scored once each; a row longer than `lm.max_len` is cut from the left, so
