@@ -2,7 +2,11 @@
 al.'s definition; activation probabilities against flax's captured intermediates; the ablation
 against the model with those neurons' activations forced to 0; `hibari analyze neurons` end to
 end on a tiny model."""
+import gzip
+import hashlib
+import json
 import math
+import shutil
 
 import flax.linen as nn
 import jax
@@ -10,11 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hibari.base.errors import InputNotFound, UsageError
+from hibari.base.resources import resource_path
 from hibari.base.stats import mean_stderr
+from hibari.data import CORPUS_DIR
 from hibari.evaluation import neurons as N
 from hibari.model import transformer as T
 from hibari.model.activations import unscanned
 from hibari.model.config import ModelConfig
+from hibari.model.params_io import save_params
 
 
 def _tiny(scan=True, **kw):
@@ -131,15 +139,15 @@ def test_probabilities_match_captured_intermediates(scan, mlp):
     cfg, params = _tiny(scan, mlp=mlp)
     module = "gate" if mlp == "swiglu" else "up"
     plain, tree = unscanned(cfg, params)
+    captured = jax.jit(lambda tree, tok, seg: T.Transformer(plain).apply(
+        {"params": tree}, tok, seg, capture_intermediates=True, mutable=["intermediates"]))
     langs = {"en": [_batches(0), _batches(1)], "ja": [_batches(2)]}
     probs, tokens = N.activation_probabilities(cfg, params, langs)
     assert probs.shape == (cfg.n_layers, cfg.d_ff, 2)
     for k, (lang, batches) in enumerate(langs.items()):
         on, n = np.zeros((cfg.n_layers, cfg.d_ff)), 0
         for tok, seg in batches:
-            _, state = T.Transformer(plain).apply(
-                {"params": tree}, jnp.asarray(tok), jnp.asarray(seg), capture_intermediates=True,
-                mutable=["intermediates"])
+            _, state = captured(tree, jnp.asarray(tok), jnp.asarray(seg))
             valid = seg > 0
             n += valid.sum()
             for i in range(cfg.n_layers):
@@ -236,3 +244,121 @@ def test_ratio_stderr():
     assert N.ratio_stderr(x, y) == pytest.approx(
         math.sqrt(sum(e * e for e in res) / 12) / 2.5)
     assert N.ratio_stderr([1.0], [2.0]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# `hibari analyze neurons` end to end
+# ---------------------------------------------------------------------------------------------
+
+def _corpus(lang):
+    with gzip.open(CORPUS_DIR / f"{lang}.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _heldout_by_hand(texts, fraction, max_bytes):
+    """The documented split: sha256's first 8 bytes / 2^64 < fraction; then the byte budget."""
+    held = [t for t in texts
+            if int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2 ** 64
+            < fraction]
+    out, left = [], max_bytes
+    for t in held:
+        if left <= 0:
+            break
+        cut = t.encode()[:left].decode("utf-8", errors="ignore")
+        out.append(cut)
+        left -= len(cut.encode())
+    return len(texts) - len(held), out
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("neurons")
+    cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                      max_seq_len=128)
+    save_params(root / "export", cfg, T.init(cfg, jax.random.key(0)))
+    shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
+                root / "export" / "tokenizer.model")
+    return root, cfg
+
+
+def test_analyze_neurons_end_to_end(export, capsys):
+    from hibari.evaluation.analyze_cli import analyze_main
+    from hibari.evaluation.lm import load_lm
+    from hibari.evaluation.loglikelihood import perplexity_stats
+    from hibari.model.params_io import load_params
+    root, cfg = export
+    out = root / "out"
+    files = {lang: str(CORPUS_DIR / f"{lang}.jsonl.gz") for lang in ("en", "ja")}
+    assert analyze_main(["neurons", "--checkpoint", str(root / "export"),
+                         "--text", f"en={files['en']}", f"ja={files['ja']}",
+                         "--max-tokens", "1500", "--seq-len", "64", "--top-percent", "20",
+                         "--filter-percentile", "50", "--assign-percentile", "60",
+                         "--ablate", "all", "--heldout-max-bytes", "1200",
+                         "--save-ablated", str(root / "ablated"), "--out", str(out)]) == 0
+    report = json.loads((out / "neurons.json").read_text())
+    assert (out / "neurons.png").stat().st_size > 1000
+    assert "| layer | en | ja |" in (out / "neurons.md").read_text()
+    assert report["tokens"] == {"en": 1500, "ja": 1500}
+    assert report["selected"] == round(0.2 * 2 * 64) == report["requested"]
+    bar = report["thresholds"]["assign_threshold_p"]
+    for layer in report["layers"]:
+        for lang in ("en", "ja"):
+            assert layer["counts"][lang] == sum(lang in r["languages"] for r in layer["neurons"])
+        for r in layer["neurons"]:
+            assert r["languages"] == [k for k in ("en", "ja") if r["p"][k] > bar]
+            p = np.array([r["p"]["en"], r["p"]["ja"]])
+            assert r["lape"] == pytest.approx(float(-(p / p.sum() * np.log(p / p.sum())).sum()))
+    # the held-out split, by hand; the dense and ablated scores, recomputed from the saved models
+    ablation = report["ablation"]
+    runs = {r["name"]: r for r in ablation["runs"]}
+    assert [r["kind"] for r in ablation["runs"]] == ["dense", "language", "random", "language",
+                                                     "random"]
+    tok = str(root / "export" / "tokenizer.model")
+    for lang in ("en", "ja"):
+        n_found, held = _heldout_by_hand(_corpus(lang), 0.1, 1200)
+        assert report["documents"][lang] == n_found
+        assert ablation["heldout"][lang]["documents"] == len(held)
+        assert ablation["heldout"][lang]["bytes"] == sum(len(t.encode()) for t in held)
+        for name, where in (("dense", root / "export"),
+                            (f"{lang}-specific zeroed", root / "ablated" / lang)):
+            lm = load_lm(where, tok)
+            scored = lm.rolling_loglikelihood(held, 64)
+            want = perplexity_stats(sum(lp for lp, _ in scored), sum(n for _, n in scored),
+                                    sum(len(t.encode()) for t in held),
+                                    sum(len(t.split()) for t in held))
+            got = runs[name]["scores"][lang]
+            assert got["bits_per_byte"] == pytest.approx(want["bits_per_byte"], rel=1e-9)
+            assert got["tokens"] == want["tokens"]
+        saved_cfg, saved = load_params(root / "ablated" / lang)
+        ids = {(r["layer"], r["neuron"]) for layer in report["layers"]
+               for r in layer["neurons"] if lang in r["languages"]}
+        assert runs[f"{lang}-specific zeroed"]["zeroed"] == len(ids) > 0
+        assert runs[f"random control for {lang}"]["zeroed_per_layer"] == \
+            runs[f"{lang}-specific zeroed"]["zeroed_per_layer"]
+        down = np.asarray(saved["layers"]["mlp"]["down"]["kernel"])
+        zero_rows = {(i, j) for i in range(cfg.n_layers) for j in range(cfg.d_ff)
+                     if not down[i, j].any()}
+        assert zero_rows == ids
+    assert "## Ablation" in capsys.readouterr().out
+
+
+def test_analyze_neurons_usage_errors(export, tmp_path):
+    from hibari.evaluation.analyze_cli import analyze_main
+    root, _ = export
+    en = str(CORPUS_DIR / "en.jsonl.gz")
+    base = ["neurons", "--checkpoint", str(root / "export"), "--out", str(tmp_path / "o"),
+            "--max-tokens", "10", "--heldout-max-bytes", "10"]
+    with pytest.raises(UsageError, match="two languages"):
+        analyze_main(base + ["--text", f"en={en}"])
+    with pytest.raises(UsageError, match="LANG=FILE"):
+        analyze_main(base + ["--text", en, f"ja={en}"])
+    with pytest.raises(UsageError, match="--ablate fr"):
+        analyze_main(base + ["--text", f"en={en}", f"ja={en}", "--ablate", "fr"])
+    with pytest.raises(InputNotFound, match="nope.jsonl"):
+        analyze_main(base + ["--text", f"en={en}", "ja=nope.jsonl"])
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": _corpus("en")[3]}) + "\n"
+                    + json.dumps({"text": "something else entirely"}) + "\n")
+    with pytest.raises(UsageError, match="1 document"):
+        analyze_main(base + ["--text", f"en={en}", f"ja={en}", "--ablate", "en",
+                             "--heldout", f"en={held}", f"ja={held}"])
