@@ -78,11 +78,6 @@ class Language:
     machine_translated: bool = False
     translated_from: str | None = None
 
-    @property
-    def display(self) -> str:
-        return f"{self.code} (MT from {self.translated_from})" if self.machine_translated \
-            else self.code
-
 
 @dataclasses.dataclass
 class TaskSpec:
