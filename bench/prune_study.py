@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--heldout-chars", type=int, default=6000)
     p.add_argument("--limit", type=int, default=100, help="commonsense_qa_sample examples")
+    p.add_argument("--batch-size", type=int, default=2,
+                   help="eval rows per batch (few long held-out documents: small is faster)")
     p.add_argument("--only", nargs="*", help="run only these names (e.g. dense wanda-en-50%%)")
     args = p.parse_args(argv)
     from hibari.evaluation.cli import eval_main
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
                 prune_main(command)
             t1 = time.perf_counter()
             command = ["--checkpoint", ckpt, "--tasks", *tasks, "--limit", str(args.limit),
-                       "--out", str(results.parent)]
+                       "--batch-size", str(args.batch_size), "--out", str(results.parent)]
             print("hibari eval", " ".join(command), flush=True)
             eval_main(command)
             timing.write_text(json.dumps({"prune_s": round(t1 - t0, 1),
