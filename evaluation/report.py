@@ -49,7 +49,7 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 
 GRID_LABELS = {"acc": "accuracy", "off_label_rate": "off-label rate",
-               "wrong_language_rate": "wrong-language rate"}
+               "label_first_rate": "label-first rate", "wrong_language_rate": "wrong-language rate"}
 
 
 def grid_table(results: Sequence[dict]) -> str:

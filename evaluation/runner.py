@@ -186,6 +186,7 @@ def run_choice(lm, task, template, examples, pool, k, *, calibrate=False, permut
 
 
 LABEL_METRICS = {"acc": "correct", "off_label_rate": "off_label",
+                 "label_first_rate": "label_first",
                  "wrong_language_rate": "wrong_language"}  # metric -> its 0/1 record field
 
 
@@ -197,6 +198,9 @@ def run_generate(lm, task, template, examples, pool, k, progress=None, script=No
                        it contains; None when it gives no label or several
       acc              prediction == gold (an output without a label counts as wrong)
       off_label_rate   prediction is None: the output is outside the label set
+      label_first_rate the output starts with a label (the strict reading of "answer with
+                       the label"; an output that only mentions one, e.g. a sentence or an
+                       echo of the question, is on the label set but not label-first)
       wrong_language_rate  (with `script`, the label language's) fewer than half the output's
                        letters are in that script (`tasks.wrong_script`)
     each with its standard error."""
@@ -220,7 +224,7 @@ def run_generate(lm, task, template, examples, pool, k, progress=None, script=No
             index, how = match_label(out, e["choices"])
             record.update(prediction=None if index is None else e["choices"][index],
                           pred=index, match=how, gold=e["gold"], correct=index == e["gold"],
-                          off_label=index is None)
+                          off_label=index is None, label_first=how == "prefix")
             if script is not None:
                 record["wrong_language"] = wrong_script(out, script)
         records.append(record)

@@ -135,7 +135,7 @@ DEFAULT_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes"), "generate": ("exa
                    "perplexity": ("bits_per_byte", "token_perplexity", "word_perplexity"),
                    "code": ("pass@1",)}
 # a generate task on choice data (classification by generation): see runner.run_generate
-LABEL_GENERATION_METRICS = ("acc", "off_label_rate", "wrong_language_rate")
+LABEL_GENERATION_METRICS = ("acc", "off_label_rate", "label_first_rate", "wrong_language_rate")
 _KNOWN_KEYS = {"name", "kind", "data", "fewshot", "templates", "description", "separator",
                "metrics", "generation", "content_free", "perplexity", "code", "bias",
                "max_words", "languages"}

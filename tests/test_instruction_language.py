@@ -89,13 +89,15 @@ def scripted_output(prompt: str) -> str:
     return f"**{EN[pos].capitalize()}**"         # ja-mt: English, whatever was asked
 
 
-# cell -> (acc, off_label_rate, wrong_language_rate), counted by hand over the four rows
-# (en/ja: the English words of the non-film rows are no Japanese label: off-label and in the
-# wrong language; ja/ja: "まあまあ" is off-label but Japanese, as asked)
+# cell -> (acc, off_label_rate, label_first_rate, wrong_language_rate), counted by hand over
+# the four rows (en/en: "I think it is negative." is right but not label-first; en/ja: the
+# English words of the non-film rows are no Japanese label: off-label and in the wrong
+# language; ja/ja: "まあまあ" is off-label but Japanese, as asked)
+METRICS = ("acc", "off_label_rate", "label_first_rate", "wrong_language_rate")
 EXPECTED_GENERATE = {
-    ("en", "en"): (3 / 4, 1 / 4, 0), ("en", "ja"): (2 / 4, 2 / 4, 2 / 4),
-    ("ja", "en"): (1 / 4, 2 / 4, 2 / 4), ("ja", "ja"): (2 / 4, 2 / 4, 0),
-    ("ja-mt", "en"): (1, 0, 0), ("ja-mt", "ja"): (0, 1, 1)}
+    ("en", "en"): (3 / 4, 1 / 4, 2 / 4, 0), ("en", "ja"): (2 / 4, 2 / 4, 2 / 4, 2 / 4),
+    ("ja", "en"): (1 / 4, 2 / 4, 2 / 4, 2 / 4), ("ja", "ja"): (2 / 4, 2 / 4, 2 / 4, 0),
+    ("ja-mt", "en"): (1, 0, 1, 0), ("ja-mt", "ja"): (0, 1, 0, 1)}
 
 
 class ScriptedLM:
@@ -132,19 +134,18 @@ def test_generate_grid_matches_hand_counts(tmp_path):
     result = evaluate_language_grid(ScriptedLM(), task, ["en", "ja", "ja-mt"], ["en", "ja"])
     cells = {(c["instruction"], c["labels"]): c for c in result["grid"]}
     assert set(cells) == set(EXPECTED_GENERATE)
-    for key, (acc, off, wrong) in EXPECTED_GENERATE.items():
+    for key, expected in EXPECTED_GENERATE.items():
         m, se = cells[key]["metrics"], cells[key]["stderr"]
-        assert (m["acc"], m["off_label_rate"], m["wrong_language_rate"]) == \
-            pytest.approx((acc, off, wrong)), key
+        assert tuple(m[name] for name in METRICS) == pytest.approx(expected), key
         mine = [r for r in result["records"] if (r["cell"]["instruction"],
                                                  r["cell"]["labels"]) == key]
         assert len(mine) == 4
         # standard errors: of the 0/1 outcomes, recomputed from the records
-        for metric, field in (("acc", "correct"), ("off_label_rate", "off_label"),
-                              ("wrong_language_rate", "wrong_language")):
+        for metric, field in zip(METRICS, ("correct", "off_label", "label_first",
+                                           "wrong_language")):
             assert se[metric] == pytest.approx(_se([r[field] for r in mine]))
             assert m[metric] == pytest.approx(np.mean([r[field] for r in mine]))
-        assert result["metrics"][f"acc[{key[0]}/{key[1]}]"] == pytest.approx(acc)
+        assert result["metrics"][f"acc[{key[0]}/{key[1]}]"] == pytest.approx(expected[0])
     assert cells[("ja-mt", "en")]["machine_translated"] == {"ja-mt": "en"}
     by_text = {(r["cell"]["instruction"], r["cell"]["labels"], r["id"]): r
                for r in result["records"]}
@@ -156,7 +157,8 @@ def test_generate_grid_matches_hand_counts(tmp_path):
     assert by_text[("ja", "ja", "row0")]["prompt"] == "文：a good film\n感情（肯定的/否定的）："
     table = grid_table([result])
     assert "| ja-mt (MT from en) | ja | 0 | 4 | 0.0000 ± 0.0000 | 1.0000 ± 0.0000 |" in table
-    assert "accuracy ± s.e. | off-label rate ± s.e. | wrong-language rate ± s.e." in table
+    assert ("accuracy ± s.e. | off-label rate ± s.e. | label-first rate ± s.e. | "
+            "wrong-language rate ± s.e." in table)
 
 
 def test_choice_grid_scores_each_label_as_the_continuation(tmp_path):
@@ -174,7 +176,8 @@ def test_the_flag_leaves_the_plain_run_unchanged(tmp_path):
     """Without the grid the task runs its top-level template on the reader's labels."""
     from hibari.evaluation.runner import evaluate_task
     result = evaluate_task(ScriptedLM(), load_task(_write_task(tmp_path)))
-    assert "grid" not in result and set(result["metrics"]) == {"acc", "off_label_rate"}
+    assert "grid" not in result  # no label language, so no wrong-language rate
+    assert set(result["metrics"]) == {"acc", "off_label_rate", "label_first_rate"}
     assert result["metrics"]["acc"] == pytest.approx(3 / 4)  # the en/en cell's outputs
 
 
