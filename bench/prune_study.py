@@ -87,8 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--grid", choices=("small", "full"), default="small")
     p.add_argument("--calibration-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--heldout-chars", type=int, default=6000)
+    p.add_argument("--heldout-chars", type=int, default=4000)
     p.add_argument("--limit", type=int, default=100, help="commonsense_qa_sample examples")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="eval context: held-out documents are scored in rolling windows of it")
     p.add_argument("--batch-size", type=int, default=2,
                    help="eval rows per batch (few long held-out documents: small is faster)")
     p.add_argument("--only", nargs="*", help="run only these names (e.g. dense wanda-en-50%%)")
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
                 prune_main(command)
             t1 = time.perf_counter()
             command = ["--checkpoint", ckpt, "--tasks", *tasks, "--limit", str(args.limit),
-                       "--batch-size", str(args.batch_size), "--out", str(results.parent)]
+                       "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
+                       "--out", str(results.parent)]
             print("hibari eval", " ".join(command), flush=True)
             eval_main(command)
             timing.write_text(json.dumps({"prune_s": round(t1 - t0, 1),

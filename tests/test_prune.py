@@ -278,9 +278,13 @@ def test_prune_command_writes_a_checkpoint_hibari_eval_reads(tmp_path, capsys):
     assert Path(lm.tokenizer.name).parent == out
     assert eval_main(["--checkpoint", str(out), "--tasks", "botchan_perplexity", "--limit", "1",
                       "--out", str(tmp_path / "eval")]) == 0
-    # a previous prune output is replaced; any other non-empty directory is refused
-    assert prune_main(args[:3] + ["magnitude"] + args[4:6] + ["--out", str(out)]) == 0
-    assert json.loads((out / "prune_report.json").read_text())["method"] == "magnitude"
+    # a previous prune output is replaced (here by magnitude pruning of the parameters loaded
+    # sharded over the 8 devices); any other non-empty directory is refused
+    assert prune_main(args[:3] + ["magnitude"] + args[4:6]
+                      + ["--mesh", "fsdp=4,tensor=2", "--out", str(out)]) == 0
+    assert json.loads((out / "prune_report.json").read_text())["mesh"] == {"fsdp": 4, "tensor": 2}
+    expected, _ = prune_params(cfg, params, method="magnitude", sparsity=0.5)
+    jax.tree.map(np.testing.assert_array_equal, load_params(out)[1], expected)
     with pytest.raises(UserError, match="not a previous `hibari prune` output"):
         prune_main(args[:-1] + [str(tmp_path / "model")])
     with pytest.raises(UserError, match="needs --calibration"):
