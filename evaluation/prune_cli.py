@@ -238,9 +238,11 @@ def prune_main(argv=None) -> int:
     if texts is not None:
         batches = token_batches(tok, texts, seq_len=min(args.seq_len, cfg.max_seq_len),
                                 batch_size=args.batch_size, max_tokens=args.calibration_tokens)
+        if not batches:
+            raise UsageError(f"--calibration {args.calibration}: its texts encode to no tokens")
         statistics = dense_statistics(cfg, params, batches)
         calibration = {"source": str(args.calibration), "field": args.calibration_field,
-                       "documents": len(texts), "tokens": int(statistics["tokens"]),
+                       "source_documents": len(texts), "tokens": int(statistics["tokens"]),
                        "seq_len": int(batches[0][0].shape[1]), "prefix": args.prefix,
                        "sha256": batches_digest(batches)}
     pruned, matrices = prune_params(cfg, params, method=args.method, sparsity=args.sparsity,

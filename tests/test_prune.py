@@ -264,7 +264,7 @@ def test_prune_command_writes_a_checkpoint_hibari_eval_reads(tmp_path, capsys):
     assert prune_main(args) == 0
     report = json.loads((out / "prune_report.json").read_text())
     assert report["calibration"]["tokens"] == 300
-    assert report["calibration"]["documents"] == 3
+    assert report["calibration"]["source_documents"] == 3
     assert len(report["matrices"]) == 14
     assert all(m["sparsity"] == 0.5 for m in report["matrices"])
     assert "| layers_0/attn/q | 16x4x4 |" in (out / "prune_report.md").read_text()
