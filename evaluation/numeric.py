@@ -223,45 +223,72 @@ def task_numeric(task) -> NumericSpec:
 # ------------------------------------------------------------------------------ logits
 @functools.lru_cache(maxsize=None)
 def _next_token_scorer():
-    """A jitted (cfg, params, inputs[b, t], segments[b, t], last[b]) -> log p(next token)[b, v]
-    at position `last` of each row (only those positions are unembedded)."""
+    """A jitted (cfg, params, inputs[b, t], segments[b, t], reads[b, m]) -> log p(next
+    token)[b, m, v] at positions `reads` of each row (only those positions are unembedded)."""
     import jax
     import jax.numpy as jnp
 
     from hibari.model import hidden, unembed
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(cfg, params, inputs, segments, last):
+    def run(cfg, params, inputs, segments, reads):
         h = hidden(cfg, params, inputs, segments)
-        hs = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        hs = jnp.take_along_axis(h, reads[:, :, None], axis=1)
         return jax.nn.log_softmax(unembed(cfg, params, hs).astype(jnp.float32), axis=-1)
     return run
 
 
+def _hosts(rows: Sequence[tuple[int, ...]], max_len: int) -> dict[tuple[int, ...], tuple]:
+    """Each row -> a row to compute it in: the longest row of at most `max_len` tokens that has it
+    as a prefix (a causal model's next-token distribution after a prefix is read at the
+    prefix's last position), else itself."""
+    host: dict = {}
+    kept: list[tuple[int, ...]] = []
+    for r in sorted(rows, key=len, reverse=True):
+        h = next((k for k in kept if len(k) <= max_len and k[:len(r)] == r), None)
+        if h is None:
+            kept.append(r)
+            h = r
+        host[r] = h
+    return host
+
+
 def _next_token_logprobs(lm, rows: Sequence[tuple[int, ...]], wanted: Sequence[set[int]],
-                         width_multiple: int = 64) -> list[dict[int, float]]:
-    """{token: log p(token | row)} for the `wanted` tokens after each token row (rows cut from
-    the left to `lm.max_len`, as `lm.loglikelihood` does), batched by padded width."""
+                         host: dict | None = None, width_multiple: int = 64
+                         ) -> list[dict[int, float]]:
+    """{token: log p(token | row)} for the `wanted` tokens after each token row, each read from
+    the forward pass of `host[row]` (a row it is a prefix of, of at most `lm.max_len` tokens;
+    default `_hosts(rows)`); a row longer than `lm.max_len` is its own host, cut from the left.
+    Batched by padded width."""
     run = _next_token_scorer()
     tok = lm.tokenizer
+    host = host if host is not None else _hosts(rows, lm.max_len)
+    reads: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        reads.setdefault(host[r], []).append(i)
+    m = max(len(v) for v in reads.values())
     out: list = [None] * len(rows)
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(rows):
-        n = min(len(ids), lm.max_len)
-        groups.setdefault(-(-n // width_multiple) * width_multiple, []).append(i)
+    groups: dict[int, list[tuple]] = {}
+    for h in reads:
+        n = min(len(h), lm.max_len)
+        groups.setdefault(-(-n // width_multiple) * width_multiple, []).append(h)
     b = lm.batch_size
     for width, members in sorted(groups.items()):
         for start in range(0, len(members), b):
             chunk = members[start:start + b]
             inputs = np.full((b, width), tok.pad_id, np.int32)
             segments = np.zeros((b, width), np.int32)
-            last = np.zeros((b,), np.int32)
-            for r, i in enumerate(chunk):
-                ids = rows[i][-lm.max_len:]
-                inputs[r, :len(ids)], segments[r, :len(ids)], last[r] = ids, 1, len(ids) - 1
-            logp = np.asarray(run(lm.cfg, lm.params, inputs, segments, last))
-            for r, i in enumerate(chunk):
-                out[i] = {t: float(logp[r, t]) for t in wanted[i]}
+            positions = np.zeros((b, m), np.int32)
+            for r, h in enumerate(chunk):
+                ids = h[-lm.max_len:]
+                inputs[r, :len(ids)], segments[r, :len(ids)] = ids, 1
+                cut = len(h) - len(ids)  # 0 unless h is its own, over-long host
+                for j, i in enumerate(reads[h]):
+                    positions[r, j] = len(rows[i]) - 1 - cut
+            logp = np.asarray(run(lm.cfg, lm.params, inputs, segments, positions))
+            for r, h in enumerate(chunk):
+                for j, i in enumerate(reads[h]):
+                    out[i] = {t: float(logp[r, j, t]) for t in wanted[i]}
     return out
 
 
@@ -275,13 +302,15 @@ def number_logprobs(lm, contexts: Sequence[str], labels: Sequence[str]) -> list[
     follows (1 - p(continuation tokens)): so " 1" is not counted twice inside " 10" ... " 19".
     Whatever else follows counts as the end of the number: " 4.5" counts for 4 here (the
     generation read calls it a parse failure, "not an integer").
-    Labels that are nobody's prefix (each a single token, the usual 1-5 and 0-9 case) need
-    one row per context; 1-100 with single-digit tokens needs 11. Rows are the distinct
-    token prefixes, scored once each; a row longer than `lm.max_len` is cut from the left, so
-    each token is conditioned on at most the max_len tokens before it (for a context that long,
-    `lm.loglikelihood` instead cuts the whole request once)."""
+    Labels that are nobody's prefix (each a single token, the usual 1-5 and 0-9 case) need one
+    forward row per context; 1-100 with single-digit tokens needs 9 when " 10" is "▁", "1", "0"
+    (each distribution along a label's tokens is read at its position in the longest label
+    path through it, so " 10" serves the positions before "▁", "1" and "0"); a row longer than
+    `lm.max_len` is cut from the left, so each token is conditioned on at most the max_len
+    tokens before it (for a context that long, `lm.loglikelihood` instead cuts the whole
+    request once)."""
     tok = lm.tokenizer
-    per_context = []
+    per_context, per_context_rows = [], []
     wanted: dict[tuple[int, ...], set[int]] = {}
     for c in contexts:
         seqs = []
@@ -290,22 +319,27 @@ def number_logprobs(lm, contexts: Sequence[str], labels: Sequence[str]) -> list[
             if not cont:
                 raise TaskError(f"label {label!r} has no tokens after the context")
             seqs.append((tuple(ctx), tuple(cont)))
-        full = {ctx + cont for ctx, cont in seqs}
-        plan = []
+        plan, rows = [], set()
         for ctx, cont in seqs:
             steps = [(ctx + cont[:j], cont[j]) for j in range(len(cont))]
             whole = ctx + cont
             # tokens that continue this label into a longer label of the range
-            longer = {s[len(whole)] for s in full if len(s) > len(whole)
-                      and s[:len(whole)] == whole}
+            longer = {c2[len(cont)] for x2, c2 in seqs if len(c2) > len(cont)
+                      and c2[:len(cont)] == cont and x2 == ctx}
             for row, t in steps:
                 wanted.setdefault(row, set()).add(t)
+                rows.add(row)
             if longer:
                 wanted.setdefault(whole, set()).update(longer)
+                rows.add(whole)
             plan.append((steps, whole, longer))
         per_context.append(plan)
+        per_context_rows.append(rows)
     keys = list(wanted)
-    scores = dict(zip(keys, _next_token_logprobs(lm, keys, [wanted[k] for k in keys])))
+    host: dict = {}
+    for rows in per_context_rows:  # prefixes are looked for within a context's rows only
+        host.update(_hosts(rows, lm.max_len))
+    scores = dict(zip(keys, _next_token_logprobs(lm, keys, [wanted[k] for k in keys], host)))
     out = []
     for plan in per_context:
         row = []

@@ -176,6 +176,26 @@ def test_number_logprobs_against_loglikelihood(tiny_lm):
     assert np.allclose(cut[0], cut[1], atol=1e-6) and np.all(np.isfinite(cut[0]))
 
 
+def test_number_logprobs_1_to_100_reads_nine_rows(tiny_lm, monkeypatch):
+    """1-100 with " 10" = "▁", "1", "0": the positions before "▁", each first digit and "10"'s
+    second digit are read from the rows " 2".." 9" and " 10" of each context: 9 rows."""
+    lm, c = tiny_lm, "Rate it from 1 to 100. Rating:"
+    real = N._next_token_scorer()
+    rows = []
+
+    def counting(cfg, params, inputs, segments, reads):
+        rows.append(int((np.asarray(segments).sum(1) > 0).sum()))
+        return real(cfg, params, inputs, segments, reads)
+    monkeypatch.setattr(N, "_next_token_scorer", lambda: counting)
+    labels = J.score_labels(1, 100)
+    got = dict(zip(labels, N.number_logprobs(lm, [c], labels)[0]))
+    assert sum(rows) == 9
+    ll = {s: lp for s, (lp, _, _) in zip(labels, lm.loglikelihood([(c, s) for s in labels]))}
+    for s in (" 1", " 10", " 57", " 100", " 9"):  # " 9" ends unless " 90".." 99" follow
+        p_more = sum(math.exp(ll[s + str(d)] - ll[s]) for d in range(10) if s + str(d) in ll)
+        assert got[s] == pytest.approx(ll[s] + math.log(1 - p_more), abs=2e-5), s
+
+
 def test_run_numeric_logits_matches_the_distribution(tiny_lm):
     task = _task(N.NumericSpec(ranges=((1, 5), (1, 12)), read="logits"))
     metrics, stderr, records = N.run_numeric(tiny_lm, task, task.templates[0], EXAMPLES, [], 0)
