@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hibari.data.cli:data_main", "corpus cleaning, filtering, dedup, tokenizer, packing"),
     "eval": ("hibari.evaluation.cli:eval_main", "evaluate a checkpoint on tasks (multiple choice, generation, perplexity, pass@k)"),
     "generate": ("hibari.evaluation.cli:generate_main", "complete prompts with a checkpoint (KV-cache decoding)"),
+    "prune": ("hibari.evaluation.prune_cli:prune_main", "prune a checkpoint's linear layers: Wanda (activation-aware, calibrated on text or a task), magnitude or random -> a checkpoint every command loads"),
+    "analyze": ("hibari.evaluation.analyze_cli:analyze_main", "analyses of a checkpoint: language-specific MLP neurons (LAPE) and their ablation"),
     "judge": ("hibari.evaluation.judge_cli:judge_main", "LLM-as-a-judge: answers from several models graded pairwise and by score; ratings and the judge's bias report"),
     "slick": ("hibari.evaluation.slick_cli:slick_main", "SliCK knowledge probe: facts classified HighlyKnown / MaybeKnown / WeaklyKnown / Unknown by sampling a model"),
     "sft": ("hibari.align.cli:sft_main", "supervised fine-tuning, response-only loss (resumes from its workdir)"),
