@@ -485,10 +485,18 @@ def run_numeric(lm, task, template, examples, pool, k, progress=None):
 
 
 # ------------------------------------------------------------------------------ the plot
+def _bins(low: int, high: int, max_bins: int = 20) -> list[tuple[int, int]]:
+    """low..high in consecutive bins of equal width (the last may be shorter)."""
+    width = -(-(high - low + 1) // max_bins)
+    return [(a, min(a + width - 1, high)) for a in range(low, high + 1, width)]
+
+
 def plot_histograms(results: Sequence[dict], out_png) -> Path:
-    """One panel per range: the share of items given each score, one series per result
-    ({"name": model name, "records": run_numeric's records}); bars side by side for ranges
-    of up to 11 values, step lines above. Returns the PNG's path."""
+    """One column per range, one bar series per result ({"name": model name, "records":
+    run_numeric's records}), side by side: top, the share of items given each score (argmax or
+    parsed); below, when the records carry logit distributions, the mean probability of each
+    score over items. Ranges of more than 20 values are shown in bins of equal width (1-100:
+    1-5, 6-10, ...). Returns the PNG's path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -500,27 +508,39 @@ def plot_histograms(results: Sequence[dict], out_png) -> Path:
                 ranges.append((r["low"], r["high"]))
     if not ranges:
         raise ValueError("plot_histograms: no records to plot")
-    fig, axes = plt.subplots(1, len(ranges), figsize=(4.6 * len(ranges), 3.6), squeeze=False)
+    with_dist = any("distribution" in r for res in results for r in res["records"])
+    n_rows = 2 if with_dist else 1
+    fig, axes = plt.subplots(n_rows, len(ranges), figsize=(5.2 * len(ranges), 3.4 * n_rows),
+                             squeeze=False)
     width = 0.8 / max(len(results), 1)
-    for ax, (low, high) in zip(axes[0], ranges):
-        values = np.arange(low, high + 1)
+    for col, (low, high) in enumerate(ranges):
+        bins = _bins(low, high)
+        x = np.arange(len(bins))
         for j, res in enumerate(results):
-            scores = [r["score"] for r in res["records"] if (r["low"], r["high"]) == (low, high)
-                      and r["score"] is not None]
-            if not scores:
-                continue
-            share = np.asarray(histogram(scores, low, high), float) / len(scores)
-            if len(values) <= 11:
-                ax.bar(values - 0.4 + width * (j + 0.5), share, width, label=res["name"])
-            else:
-                ax.step(values, share, where="mid", label=res["name"])
-        ax.set_title(f"scores {low}-{high}")
-        ax.set_xlabel("score")
-        ax.set_ylabel("share of items")
-        if len(values) <= 11:
-            ax.set_xticks(values)
+            recs = [r for r in res["records"] if (r["low"], r["high"]) == (low, high)]
+            scores = [r["score"] for r in recs if r["score"] is not None]
+            if scores:
+                counts = histogram(scores, low, high)
+                share = [sum(counts[a - low:b - low + 1]) / len(scores) for a, b in bins]
+                axes[0][col].bar(x - 0.4 + width * (j + 0.5), share, width, label=res["name"])
+            dists = [r["distribution"] for r in recs if "distribution" in r]
+            if with_dist and dists:
+                mean = np.mean(dists, axis=0)
+                mass = [float(mean[a - low:b - low + 1].sum()) for a, b in bins]
+                axes[1][col].bar(x - 0.4 + width * (j + 0.5), mass, width, label=res["name"])
+        labels = [str(a) if a == b else f"{a}-{b}" for a, b in bins]
+        for row in range(n_rows):
+            ax = axes[row][col]
+            ax.set_xticks(x, labels, rotation=0 if len(bins) <= 11 else 90, fontsize=8)
+            ax.set_xlabel("score")
+        axes[0][col].set_title(f"scores {low}-{high}: share of items")
+        axes[0][col].set_ylabel("share of items")
+        if with_dist:
+            axes[1][col].set_title(f"scores {low}-{high}: mean probability")
+            axes[1][col].set_ylabel("mean probability")
     axes[0][0].legend(fontsize=8)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.12, top=0.93, wspace=0.22,
+                        hspace=0.55)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)

@@ -222,9 +222,12 @@ def test_run_numeric_logits_matches_the_distribution(tiny_lm):
 def test_plot_histograms_writes_a_png(tmp_path):
     recs = [{"low": 1, "high": 5, "score": s} for s in (1, 3, 3, None)] + \
            [{"low": 1, "high": 100, "score": s} for s in (50, 80, 80)]
+    dist = [{"low": 1, "high": 5, "score": 2, "distribution": [0.1, 0.6, 0.1, 0.1, 0.1]}]
     out = N.plot_histograms([{"name": "a", "records": recs},
-                             {"name": "b", "records": recs[:2]}], tmp_path / "h.png")
+                             {"name": "b", "records": recs[:2] + dist}], tmp_path / "h.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert N._bins(1, 100)[:2] == [(1, 5), (6, 10)] and N._bins(0, 9) == [(k, k) for k in
+                                                                           range(10)]
 
 
 # ------------------------------------------------------------------------ the task file
