@@ -28,6 +28,7 @@ as given, so sharded parameters stay sharded.
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from fractions import Fraction
@@ -166,6 +167,22 @@ def _module_key(seed: int, name: str):
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
 
 
+def _mask(kernel, norms, key, method, sparsity, per, n_in):
+    if method == "wanda":
+        return wanda_masks(kernel, norms, sparsity, per)
+    if method == "magnitude":
+        return magnitude_masks(kernel, sparsity, per, n_in)
+    return random_masks(kernel, sparsity, key, per, n_in)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _layer_masks(kernels, norms, keys, method, sparsity, per, n_in):
+    """The masks of one module in every layer: kernels[L, ...] (norms[L, ...], keys[L]) ->
+    masks[L, ...], one compiled call per module instead of one per matrix."""
+    return jax.vmap(lambda k, n, key: _mask(k, n, key, method, sparsity, per, n_in))(
+        kernels, norms, keys)
+
+
 def compute_masks(cfg: ModelConfig, params, *, method: str, sparsity: float,
                   per: str = "output", statistics: dict | None = None,
                   seed: int = 0) -> dict[str, jax.Array]:
@@ -175,24 +192,33 @@ def compute_masks(cfg: ModelConfig, params, *, method: str, sparsity: float,
     if method not in METHODS:
         raise UsageError(f"method={method!r}: choose one of {METHODS}")
     _check_per(per)
-    check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     if method == "wanda" and statistics is None:
         raise UsageError("method='wanda' needs activation statistics (calibration text)")
-    masks = {}
-    for name in linear_modules(cfg, params):
-        kernel = get_kernel(params, name)
-        if method == "wanda":
-            if name not in statistics:
-                raise ValueError(f"compute_masks: no statistics for {name} "
-                                 f"(have {sorted(statistics)[:5]}...)")
-            norms = jnp.sqrt(jnp.asarray(statistics[name], jnp.float32))
-            masks[name] = wanda_masks(kernel, norms, sparsity, per)
-        elif method == "magnitude":
-            masks[name] = magnitude_masks(kernel, sparsity, per, module_n_in(name))
+    names = linear_modules(cfg, params)
+    modules: dict[str, list[str]] = {}
+    for name in names:  # layer order within each module
+        modules.setdefault("/".join(_split_name(name)[1]), []).append(name)
+    found = {}
+    for path, members in modules.items():
+        if _scanned(params):
+            kernels = _node(params["layers"], path.split("/"))["kernel"]
         else:
-            masks[name] = random_masks(kernel, sparsity, _module_key(seed, name), per,
-                                       module_n_in(name))
-    return masks
+            kernels = jnp.stack([get_kernel(params, n) for n in members])
+        norms = keys = jnp.zeros(len(members))
+        if method == "wanda":
+            missing = [n for n in members if n not in statistics]
+            if missing:
+                raise ValueError(f"compute_masks: no statistics for {missing[0]} "
+                                 f"(have {sorted(statistics)[:5]}...)")
+            norms = jnp.stack([jnp.sqrt(jnp.asarray(statistics[n], jnp.float32))
+                               for n in members])
+        elif method == "random":
+            keys = jnp.stack([_module_key(seed, n) for n in members])
+        stacked = _layer_masks(kernels, norms, keys, method, sparsity, per,
+                               module_n_in(members[0]))
+        found.update((n, stacked[i]) for i, n in enumerate(members))
+    return {n: found[n] for n in names}
 
 
 def apply_masks(params, masks: dict):
