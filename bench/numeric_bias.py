@@ -48,19 +48,20 @@ def _fmt(m: dict, se: dict, key: str, digits: int = 2) -> str:
 
 def table(rows: list[tuple[str, str, dict, dict]], ranges) -> str:
     lines = ["| model | read | range | kurtosis | entropy (bits) | modal share (score) | "
-             "Kendall τ-b (p) | mean score | mean expected | item entropy (bits) | "
-             "parse failures |", "|" + "---|" * 11]
+             "Kendall τ-b (p) | τ-b of expected (p) | mean score | mean expected | "
+             "item entropy (bits) | parse failures |", "|" + "---|" * 12]
     for name, read, m, se in rows:
         for low, high in ranges:
             r = f"{low}-{high}/"
             mm = {k[len(r):]: v for k, v in m.items() if k.startswith(r)}
             ss = {k[len(r):]: v for k, v in se.items() if k.startswith(r)}
-            tau = ("–" if mm.get("kendall_tau_b") is None else
-                   f"{mm['kendall_tau_b']:.3f} ({mm['kendall_p']:.1e})")
+            tau, tau_x = (("–" if mm.get(f"kendall_tau_b{x}") is None else
+                           f"{mm[f'kendall_tau_b{x}']:.3f} ({mm[f'kendall_p{x}']:.1e})")
+                          for x in ("", "_expected"))
             lines.append(
                 f"| {name} | {read} | {low}-{high} | {_fmt(mm, ss, 'kurtosis')} | "
                 f"{_fmt(mm, ss, 'entropy_bits')} | {_fmt(mm, ss, 'modal_share')} "
-                f"({mm.get('modal_score')}) | {tau} | {_fmt(mm, ss, 'mean_score')} | "
+                f"({mm.get('modal_score')}) | {tau} | {tau_x} | {_fmt(mm, ss, 'mean_score')} | "
                 f"{_fmt(mm, ss, 'mean_expected')} | {_fmt(mm, ss, 'item_entropy_bits')} | "
                 f"{_fmt(mm, ss, 'parse_failure_rate')} |")
     return "\n".join(lines) + "\n"
