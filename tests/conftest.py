@@ -15,3 +15,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """(params export dir, its ModelConfig): a randomly initialised 2-layer model with the
+    vendored SentencePiece model (align/assets/seed_sp.model) beside it, for commands that
+    only need a checkpoint every hibari command loads."""
+    from hibari.base.resources import resource_path
+    from hibari.model import ModelConfig, init
+    from hibari.model.params_io import save_params
+    root = tmp_path_factory.mktemp("tiny_export")
+    cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                      max_seq_len=128)
+    save_params(root / "export", cfg, init(cfg, jax.random.key(0)))
+    shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
+                root / "export" / "tokenizer.model")
+    return root / "export", cfg

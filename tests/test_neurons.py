@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import math
-import shutil
 
 import flax.linen as nn
 import jax
@@ -15,14 +14,12 @@ import numpy as np
 import pytest
 
 from hibari.base.errors import InputNotFound, UsageError
-from hibari.base.resources import resource_path
 from hibari.base.stats import mean_stderr
 from hibari.data import CORPUS_DIR
 from hibari.evaluation import neurons as N
 from hibari.model import transformer as T
 from hibari.model.activations import unscanned
 from hibari.model.config import ModelConfig
-from hibari.model.params_io import save_params
 
 
 def _tiny(scan=True, **kw):
@@ -271,14 +268,11 @@ def _heldout_by_hand(texts, fraction, max_bytes):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
+def export(tiny_export, tmp_path_factory):
+    """(a folder with the shared tiny export as export/, its config)."""
     root = tmp_path_factory.mktemp("neurons")
-    cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                      max_seq_len=128)
-    save_params(root / "export", cfg, T.init(cfg, jax.random.key(0)))
-    shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
-                root / "export" / "tokenizer.model")
-    return root, cfg
+    (root / "export").symlink_to(tiny_export[0], target_is_directory=True)
+    return root, tiny_export[1]
 
 
 def test_analyze_neurons_end_to_end(export, capsys):

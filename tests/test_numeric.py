@@ -16,8 +16,16 @@ import pytest
 from hibari.base.resources import resource_path
 from hibari.evaluation import judge as J
 from hibari.evaluation import numeric as N
-from hibari.evaluation.formats import FormatError
-from hibari.evaluation.tasks import TASK_DIR, TaskError, TaskSpec, Template
+from hibari.evaluation.formats import FormatError, graded_jsonl
+from hibari.evaluation.tasks import (
+    TASK_DIR,
+    NumericSpec,
+    TaskError,
+    TaskSpec,
+    Template,
+    load_task,
+    numeric_spec_from_dict,
+)
 
 TASK_FILE = TASK_DIR / "numeric_graded_answers.yaml"
 
@@ -89,7 +97,7 @@ def test_parse_score():
 
 
 # ------------------------------------------------------------------------ the task's pieces
-def _task(spec: N.NumericSpec, prompt="Rate {answer} to {question} from {low} to {high}."):
+def _task(spec: NumericSpec, prompt="Rate {answer} to {question} from {low} to {high}."):
     task = TaskSpec(name="t", kind="numeric", data_format="graded_jsonl", data_path=None,
                     templates=[Template(prompt, "")], source="t.yaml")
     task.numeric = spec
@@ -115,7 +123,7 @@ class ScriptedGenerator:
 
 
 def test_run_numeric_generation_by_hand():
-    spec = N.NumericSpec(ranges=((1, 5), (0, 9)), read="generation", max_new_tokens=5,
+    spec = NumericSpec(ranges=((1, 5), (0, 9)), read="generation", max_new_tokens=5,
                          wrap="<user>{instruction}</user>\n", primer="Score:")
     task = _task(spec)
     lm = ScriptedGenerator()
@@ -137,7 +145,7 @@ def test_run_numeric_generation_by_hand():
     with pytest.raises(TaskError, match="zero-shot"):
         N.run_numeric(lm, task, task.templates[0], EXAMPLES, EXAMPLES, 2)
     with pytest.raises(TaskError, match="no numeric: section"):
-        N.run_numeric(lm, dataclasses.replace(task), task.templates[0], EXAMPLES, [], 0)
+        N.run_numeric(lm, dataclasses.replace(task, numeric=None), task.templates[0], EXAMPLES, [], 0)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +205,7 @@ def test_number_logprobs_1_to_100_reads_nine_rows(tiny_lm, monkeypatch):
 
 
 def test_run_numeric_logits_matches_the_distribution(tiny_lm):
-    task = _task(N.NumericSpec(ranges=((1, 5), (1, 12)), read="logits"))
+    task = _task(NumericSpec(ranges=((1, 5), (1, 12)), read="logits"))
     metrics, stderr, records = N.run_numeric(tiny_lm, task, task.templates[0], EXAMPLES, [], 0)
     assert len(records) == 8
     for r in records:
@@ -246,13 +254,13 @@ def test_plot_histograms_writes_a_png(tmp_path):
 ])
 def test_numeric_spec_errors_name_file_and_field(section, field):
     with pytest.raises(TaskError) as e:
-        N.numeric_spec_from_dict(section, "tasks/x.yaml")
+        numeric_spec_from_dict(section, "tasks/x.yaml")
     assert str(e.value).startswith("tasks/x.yaml: ") and field in str(e.value)
 
 
 def test_numeric_spec_defaults_and_values():
-    assert N.numeric_spec_from_dict(None, "x") == N.NumericSpec()
-    spec = N.numeric_spec_from_dict({"ranges": [[0, 9]], "read": "generation",
+    assert numeric_spec_from_dict(None, "x") == NumericSpec()
+    spec = numeric_spec_from_dict({"ranges": [[0, 9]], "read": "generation",
                                      "wrap": "[{instruction}]"}, "x")
     assert spec.ranges == ((0, 9),) and spec.read == "generation" and spec.wrap == "[{instruction}]"
 
@@ -267,19 +275,19 @@ def test_graded_reader_skips_and_counts_bad_rows(tmp_path):
             json.dumps({"question": " ", "answer": "a"}),
             json.dumps({"question": "q", "answer": "b"})]
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    ex = N.graded_jsonl(path, strict=False)
+    ex = graded_jsonl(path, strict=False)
     assert ex == [{"id": "ok", "question": "q", "answer": "a", "gold": 2.0, "lang": "en"},
                   {"id": "g-7", "question": "q", "answer": "b"}]
     assert ex.stats.bad == 5
     assert [s.split(": ")[0] for s in ex.skipped] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
     assert "missing field 'answer'" in ex.skipped[1] and "gold 'high'" in ex.skipped[2]
     with pytest.raises(FormatError, match=f"{path}:2"):
-        N.graded_jsonl(path, strict=True)
+        graded_jsonl(path, strict=True)
 
 
 def test_vendored_task_and_its_builder():
-    task = N.load_numeric_task(TASK_FILE)
-    examples = N.graded_jsonl(task.data_path)
+    task = load_task(TASK_FILE)
+    examples = graded_jsonl(task.data_path)
     assert len(examples) == 237 and not examples.skipped
     assert sorted({e["gold"] for e in examples}) == [1.0, 2.0, 3.0]
     assert task.numeric.ranges == ((1, 5), (0, 9), (1, 100))
@@ -294,3 +302,27 @@ def test_vendored_task_and_its_builder():
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     assert builder.build() == [json.loads(x) for x in task.data_path.read_text().splitlines()]
+
+
+def test_hibari_eval_runs_a_numeric_task(tiny_export, tmp_path):
+    """`hibari eval` reads kind: numeric through load_task, writes the range statistics, the
+    records and the histogram PNG; the metrics are recomputable from the samples."""
+    from hibari.cli import main
+    from hibari.evaluation.report import read_samples
+    out = tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(tiny_export[0]), "--tasks",
+                 "numeric_graded_answers", "--limit", "6", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    (result,) = data["results"]
+    assert result["kind"] == "numeric" and result["n"] == 6
+    assert (out / result["histogram"]).stat().st_size > 0
+    records = read_samples(out / "results.json")["numeric_graded_answers"]
+    assert len(records) == 6 * 3
+    for low, high in ((1, 5), (0, 9), (1, 100)):
+        mine = [r for r in records if (r["low"], r["high"]) == (low, high)]
+        assert result["metrics"][f"{low}-{high}/mean_score"] == pytest.approx(
+            np.mean([r["score"] for r in mine]))
+        for r in mine:  # each distribution sums to 1 over the range; the score is its argmax
+            assert len(r["distribution"]) == high - low + 1
+            assert sum(r["distribution"]) == pytest.approx(1.0, abs=1e-6)
+            assert r["score"] == low + int(np.argmax(r["distribution"]))
