@@ -32,7 +32,7 @@ def tiny_export(tmp_path_factory):
     from hibari.model.params_io import save_params
     root = tmp_path_factory.mktemp("tiny_export")
     cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                      max_seq_len=128)
+                      max_seq_len=512)
     save_params(root / "export", cfg, init(cfg, jax.random.key(0)))
     shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
                 root / "export" / "tokenizer.model")

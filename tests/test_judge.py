@@ -5,9 +5,7 @@ import dataclasses
 import itertools
 import json
 import math
-import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -329,17 +327,8 @@ def test_progress_lines_without_a_terminal():
 # ------------------------------------------------------------------ a tiny model end to end
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random 2-layer params export with the bundled SentencePiece model."""
-    from hibari.model import ModelConfig, init
-    from hibari.train.checkpoint import save_params
-    root = tmp_path_factory.mktemp("judge_ckpt") / "export"
-    cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                      max_seq_len=512)
-    save_params(root, cfg, init(cfg, jax.random.key(0)))
-    shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
-                root / "tokenizer.model")
-    return root
+def tiny(tiny_export):
+    return tiny_export[0]
 
 
 def test_option_logprobs_equal_loglikelihood(tiny):

@@ -7,13 +7,10 @@ import importlib.util
 import itertools
 import json
 import math
-import shutil
 
-import jax
 import numpy as np
 import pytest
 
-from hibari.base.resources import resource_path
 from hibari.evaluation import judge as J
 from hibari.evaluation import numeric as N
 from hibari.evaluation.formats import FormatError, graded_jsonl
@@ -149,19 +146,11 @@ def test_run_numeric_generation_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """A random 2-layer model with the bundled SentencePiece model (digits are single tokens:
-    " 10" is "▁", "1", "0")."""
+def tiny_lm(tiny_export):
+    """The shared tiny model; its SentencePiece model writes digits as single tokens (" 10" is
+    "▁", "1", "0")."""
     from hibari.evaluation.lm import load_lm
-    from hibari.model import ModelConfig, init
-    from hibari.train.checkpoint import save_params
-    root = tmp_path_factory.mktemp("numeric_ckpt") / "export"
-    cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                      max_seq_len=128)
-    save_params(root, cfg, init(cfg, jax.random.key(3)))
-    shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
-                root / "tokenizer.model")
-    return load_lm(root, batch_size=4)
+    return load_lm(tiny_export[0], batch_size=4, max_len=128)
 
 
 def test_number_logprobs_against_loglikelihood(tiny_lm):

@@ -4,15 +4,12 @@ tiny random model."""
 import json
 import math
 import re
-import shutil
 
-import jax
 import pytest
 
 import hibari.cli
 from hibari.base.config_files import load_python_config
 from hibari.base.errors import InputNotFound, UserError
-from hibari.base.resources import resource_path
 from hibari.evaluation.metrics import normalize
 from hibari.evaluation.slick import (
     CATEGORIES,
@@ -252,17 +249,8 @@ def test_bad_rows_and_fields_name_file_line_or_field(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random 2-layer model as a params export with the bundled SentencePiece model."""
-    from hibari.model import ModelConfig, init
-    from hibari.train.checkpoint import save_params
-    root = tmp_path_factory.mktemp("slick_ckpt")
-    cfg = ModelConfig(vocab_size=1000, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                      max_seq_len=256)
-    save_params(root / "export", cfg, init(cfg, jax.random.key(0)))
-    shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
-                root / "export" / "tokenizer.model")
-    return root / "export"
+def tiny_checkpoint(tiny_export):
+    return tiny_export[0]
 
 
 def test_cli_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, capsys):
