@@ -38,7 +38,7 @@ def _split(names):
     return [n for item in names for n in item.split(",") if n]
 
 
-def eval_main(argv=None) -> int:
+def eval_parser() -> argparse.ArgumentParser:
     from hibari.evaluation.tasks import list_tasks
     p = argparse.ArgumentParser(prog="hibari eval", description="evaluate a checkpoint on tasks")
     _model_args(p)
@@ -63,6 +63,11 @@ def eval_main(argv=None) -> int:
                    "language x label language, e.g. en ja ja-mt; writes results.grid.md")
     p.add_argument("--label-language", nargs="+", default=[], metavar="LANG",
                    help="label languages of the grid (default: the instruction languages)")
+    return p
+
+
+def eval_main(argv=None) -> int:
+    p = eval_parser()
     args = p.parse_args(argv)
     if not args.tasks:
         p.error("--tasks is required")

@@ -175,8 +175,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def prune_main(argv=None) -> int:
-    from hibari.model.prune import GROUPS, METHODS, check_sparsity
+def prune_parser() -> argparse.ArgumentParser:
+    from hibari.model.prune import GROUPS, METHODS
     p = argparse.ArgumentParser(prog="hibari prune", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="run dir, checkpoints/<step> dir, params export, HF dir or *.gguf file")
@@ -199,7 +199,12 @@ def prune_main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random: the seed of the scores")
     p.add_argument("--mesh", help="shard the parameters, e.g. fsdp=-1 or tensor=2,fsdp=-1")
     p.add_argument("--out", required=True, help="new directory (or a previous prune output)")
-    args = p.parse_args(argv)
+    return p
+
+
+def prune_main(argv=None) -> int:
+    from hibari.model.prune import check_sparsity
+    args = prune_parser().parse_args(argv)
 
     check_sparsity(args.sparsity)
     if args.method == "wanda" and not args.calibration:

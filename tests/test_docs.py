@@ -2,6 +2,7 @@
 config file loads and every `--config.FIELD=VALUE` names a real field of it.
 
 (What they do is exercised by the quickstart and each room's tests.)"""
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -18,6 +19,11 @@ RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
                 "dpo": "configs/dpo/pairs.py", "reward": "configs/reward/pairs.py",
                 "ppo": "configs/rl/ppo.py", "grpo": "configs/rl/grpo.py",
                 "classify": "configs/classify/shortcut.py"}
+
+# commands whose shown flags are parsed by the command's own parser
+PARSED_COMMANDS = {"eval": "hibari.evaluation.cli:eval_parser",
+                   "prune": "hibari.evaluation.prune_cli:prune_parser",
+                   "analyze": "hibari.evaluation.analyze_cli:neurons_parser"}
 
 
 def shown_commands(docs=DOCS) -> list[tuple[str, str]]:
@@ -43,7 +49,8 @@ COMMANDS_SHOWN = shown_commands()
 def test_docs_show_the_main_commands():
     names = {shlex.split(c, comments=True)[1] for _, c in COMMANDS_SHOWN}
     assert {"quickstart", "pretrain", "sft", "dpo", "eval", "data", "sweep", "scaling",
-            "convert", "reward", "ppo", "grpo", "classify", "judge", "slick"} <= names
+            "convert", "reward", "ppo", "grpo", "classify", "judge", "slick", "prune",
+            "analyze"} <= names
 
 
 @pytest.mark.parametrize("doc,command", COMMANDS_SHOWN,
@@ -63,6 +70,13 @@ def test_shown_command_is_valid(doc, command):
         from hibari.evaluation.slick_cli import parse_slick_flags
         fv = {"judge": parse_judge_flags, "slick": parse_slick_flags}[name](rest)
         assert fv.config is not None
+    elif name in PARSED_COMMANDS:  # the flags parse (argparse exits on an unknown flag)
+        module, function = PARSED_COMMANDS[name].split(":")
+        parser = getattr(importlib.import_module(module), function)()
+        if name == "analyze":
+            assert rest[0] == "neurons", f"{doc}: `hibari analyze {rest[0]}` is not a subcommand"
+            rest = rest[1:]
+        parser.parse_args(rest)
     elif "--config" in rest:
         from hibari.base.config_files import load_python_config
         spec = rest[rest.index("--config") + 1]
