@@ -45,11 +45,11 @@ import hashlib
 import math
 from typing import Iterable, Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from hibari.model.activations import dense_statistics, positive_counts
 from hibari.model.config import ModelConfig
+from hibari.model.prune import apply_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,32 +178,14 @@ def select_neurons(probs: np.ndarray, languages: Sequence[str],
 
 def ablate_neurons(cfg: ModelConfig, params, mask: np.ndarray):
     """`params` with the down-projection row of every neuron in mask[layer, neuron] zeroed
-    (scanned or unscanned layers; other arrays are shared, not copied)."""
+    (scanned or unscanned layers; `hibari.model.prune.apply_masks`: other arrays are shared,
+    not copied)."""
     mask = np.asarray(mask, bool)
     if mask.shape != (cfg.n_layers, cfg.d_ff):
         raise ValueError(f"mask must be [n_layers={cfg.n_layers}, d_ff={cfg.d_ff}], "
                          f"got {mask.shape}")
-
-    def zeroed(down: dict, rows: np.ndarray) -> dict:
-        kernel = down["kernel"]  # [(layers,) d_ff, d_model]
-        keep = jnp.asarray(~rows)[..., None].astype(kernel.dtype)
-        return {**down, "kernel": kernel * keep}
-
-    tree = dict(params)
-    if cfg.scan_layers:
-        layers = dict(tree["layers"])
-        mlp = dict(layers["mlp"])
-        mlp["down"] = zeroed(mlp["down"], mask)
-        layers["mlp"] = mlp
-        tree["layers"] = layers
-        return tree
-    for i in range(cfg.n_layers):
-        layer = dict(tree[f"layers_{i}"])
-        mlp = dict(layer["mlp"])
-        mlp["down"] = zeroed(mlp["down"], mask[i])
-        layer["mlp"] = mlp
-        tree[f"layers_{i}"] = layer
-    return tree
+    keep = np.broadcast_to(~mask[:, :, None], (cfg.n_layers, cfg.d_ff, cfg.d_model))
+    return apply_masks(params, {f"layers_{i}/mlp/down": keep[i] for i in range(cfg.n_layers)})
 
 
 def random_control(mask: np.ndarray, exclude: np.ndarray, seed: int = 0) -> np.ndarray:
