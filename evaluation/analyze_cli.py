@@ -17,8 +17,8 @@ range, and held-out documents are never used to find the neurons (the split is t
 without --ablate). `--ablate LANG ... | all` scores the held-out text of every language (bits per
 byte, token perplexity) with the dense model, with LANG's neurons zeroed and, as the control,
 with as many random non-specific neurons zeroed per layer; `--save-ablated DIR` writes each
-language-ablated model as a params export DIR/LANG/ that `hibari eval --checkpoint DIR/LANG
---tokenizer T` reads.
+language-ablated model as a params export DIR/LANG/, its tokenizer beside it, that
+`hibari eval --checkpoint DIR/LANG` reads.
 """
 from __future__ import annotations
 
@@ -248,14 +248,17 @@ def neurons_main(argv: list[str]) -> int:
             "runs": runs}
         if args.save_ablated:
             saved = {}
+            from hibari.evaluation.tokenizer import save_tokenizer
             from hibari.model.params_io import save_params
+            probe = [t for texts in found.values() for t in texts[:2]]
             for lang in ablate:
                 where = Path(args.save_ablated) / lang
                 save_params(where, lm.cfg, ablate_neurons(lm.cfg, lm.params,
                                                           selection.mask(lang)))
+                save_tokenizer(lm.tokenizer, args.checkpoint, where, probe)
                 saved[lang] = str(where)
                 _log(f"hibari analyze neurons: wrote {where}; evaluate it with `hibari eval "
-                     f"--checkpoint {where} --tokenizer {lm.tokenizer.name}`")
+                     f"--checkpoint {where}`")
             report["ablation"]["saved"] = saved
     report["seconds"] = {k: round(v, 2) for k, v in timing.items()}
 

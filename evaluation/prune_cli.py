@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from hibari.base.errors import UsageError, UserError
-from hibari.evaluation.tokenizer import PREFIX_MODES
+from hibari.evaluation.tokenizer import PREFIX_MODES, save_tokenizer
 
 REPORT = "prune_report.json"
 
@@ -104,47 +104,6 @@ def batches_digest(batches) -> str:
         h.update(np.ascontiguousarray(tokens, np.int32).tobytes())
         h.update(np.ascontiguousarray(segments, np.int32).tobytes())
     return h.hexdigest()
-
-
-def save_tokenizer(tok, checkpoint: str, out: Path, probe: list[str]) -> dict:
-    """Place the tokenizer in `out` so tokenizer_for_checkpoint(out) finds it; returns what was
-    written. HF/GGUF tokenizers are saved as tokenizer.json + tokenizer_config.json and checked
-    to give the same ids on `probe` texts."""
-    from hibari.data.tokenizer import (
-        TOKENIZER_RECORD,
-        recorded_tokenizer,
-        tokenizer_sha256,
-    )
-    from hibari.evaluation.tokenizer import HFTokenizer, SentencePieceTokenizer, load_hf_tokenizer
-    if isinstance(tok, SentencePieceTokenizer):
-        shutil.copyfile(tok.name, out / "tokenizer.model")
-        written = {"kind": "sentencepiece", "from": str(Path(tok.name).absolute()),
-                   "file": "tokenizer.model"}
-        record = (recorded_tokenizer(checkpoint)
-                  if not checkpoint.endswith(".gguf") else None)
-        if record is not None and record.get("sha256") == tokenizer_sha256(out / "tokenizer.model"):
-            (out / TOKENIZER_RECORD).write_text(json.dumps(
-                {**record, "path": "tokenizer.model"}, indent=1) + "\n")
-            written["record"] = TOKENIZER_RECORD
-        return written
-    if not isinstance(tok, HFTokenizer):
-        raise UsageError(f"cannot save tokenizer {tok.name} ({type(tok).__name__}) beside the "
-                         "pruned checkpoint")
-    tok.tok.save(str(out / "tokenizer.json"))
-    config = {"add_bos_token": bool(tok.add_bos)}
-    for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
-                   ("pad_token", tok.pad_id)):
-        if i is not None:
-            config[key] = tok.piece(i)
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    again = load_hf_tokenizer(out)
-    same = ((again.bos_id, again.eos_id, again.add_bos, again.pad_id)
-            == (tok.bos_id, tok.eos_id, tok.add_bos, tok.pad_id)
-            and all(again.encode(t) == tok.encode(t) for t in probe))
-    if not same:
-        raise UserError(f"the tokenizer of {checkpoint} does not round-trip through "
-                        "tokenizer.json; pass --tokenizer with an HF tokenizer directory")
-    return {"kind": "tokenizer.json", "from": tok.name, "file": "tokenizer.json"}
 
 
 def markdown_report(report: dict) -> str:

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import abc
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
-from hibari.base.errors import UserError
+from hibari.base.errors import UsageError, UserError
 
 PREFIX_MODES = ("auto", "bos", "eos", "none")
 
@@ -303,3 +304,46 @@ def tokenizer_for_checkpoint(checkpoint: str | Path) -> EvalTokenizer:
     raise TokenizerError(f"no tokenizer found for checkpoint {checkpoint} (looked in {looked} for "
                          f"tokenizer.json, config.json data.tokenizer, {TOKENIZER_RECORD}, "
                          "*.model); pass --tokenizer")
+
+
+def save_tokenizer(tok: EvalTokenizer, checkpoint: str | Path, out: Path,
+                   probe: Sequence[str]) -> dict:
+    """Place `tok` (the tokenizer of `checkpoint`) in `out` so that tokenizer_for_checkpoint(out)
+    finds it: a derived checkpoint (pruned, ablated) then loads like its source. A SentencePiece
+    model is copied as tokenizer.model, with the source run's tokenizer_record.json when the hash
+    matches; an HF or GGUF tokenizer is saved as tokenizer.json + tokenizer_config.json and
+    checked to give the same ids on the `probe` texts. Returns what was written."""
+    from hibari.data.tokenizer import (
+        TOKENIZER_RECORD,
+        recorded_tokenizer,
+        tokenizer_sha256,
+    )
+    if isinstance(tok, SentencePieceTokenizer):
+        shutil.copyfile(tok.name, out / "tokenizer.model")
+        written = {"kind": "sentencepiece", "from": str(Path(tok.name).absolute()),
+                   "file": "tokenizer.model"}
+        record = (recorded_tokenizer(checkpoint)
+                  if not str(checkpoint).endswith(".gguf") else None)
+        if record is not None and record.get("sha256") == tokenizer_sha256(out / "tokenizer.model"):
+            (out / TOKENIZER_RECORD).write_text(json.dumps(
+                {**record, "path": "tokenizer.model"}, indent=1) + "\n")
+            written["record"] = TOKENIZER_RECORD
+        return written
+    if not isinstance(tok, HFTokenizer):
+        raise UsageError(f"cannot save tokenizer {tok.name} ({type(tok).__name__}) beside the "
+                         "pruned checkpoint")
+    tok.tok.save(str(out / "tokenizer.json"))
+    config = {"add_bos_token": bool(tok.add_bos)}
+    for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
+                   ("pad_token", tok.pad_id)):
+        if i is not None:
+            config[key] = tok.piece(i)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    again = load_hf_tokenizer(out)
+    same = ((again.bos_id, again.eos_id, again.add_bos, again.pad_id)
+            == (tok.bos_id, tok.eos_id, tok.add_bos, tok.pad_id)
+            and all(again.encode(t) == tok.encode(t) for t in probe))
+    if not same:
+        raise UserError(f"the tokenizer of {checkpoint} does not round-trip through "
+                        "tokenizer.json; pass --tokenizer with an HF tokenizer directory")
+    return {"kind": "tokenizer.json", "from": tok.name, "file": "tokenizer.json"}

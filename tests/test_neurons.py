@@ -307,7 +307,6 @@ def test_analyze_neurons_end_to_end(export, capsys):
     runs = {r["name"]: r for r in ablation["runs"]}
     assert [r["kind"] for r in ablation["runs"]] == ["dense", "language", "random", "language",
                                                      "random"]
-    tok = str(root / "export" / "tokenizer.model")
     for lang in ("en", "ja"):
         n_found, held = _heldout_by_hand(_corpus(lang), 0.1, 1200)
         assert report["documents"][lang] == n_found
@@ -315,7 +314,7 @@ def test_analyze_neurons_end_to_end(export, capsys):
         assert ablation["heldout"][lang]["bytes"] == sum(len(t.encode()) for t in held)
         for name, where in (("dense", root / "export"),
                             (f"{lang}-specific zeroed", root / "ablated" / lang)):
-            lm = load_lm(where, tok)
+            lm = load_lm(where)  # the tokenizer was saved beside the ablated export
             scored = lm.rolling_loglikelihood(held, 64)
             want = perplexity_stats(sum(lp for lp, _ in scored), sum(n for _, n in scored),
                                     sum(len(t.encode()) for t in held),
