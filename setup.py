@@ -41,9 +41,10 @@ setup(
     extras_require={
         # torch: the local CPU wheel; a bare `torch` may pull a multi-GB CUDA build.
         # lm_eval: the reference harness for tests/test_lm_eval_parity.py (pinned: its
-        # request conventions are what the test holds hibari to).
+        # request conventions are what the test holds hibari to). peft: the LoRA adapters'
+        # round trip (tests/test_lora.py loads hibari's PEFT export with peft itself).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4",
-                 "gguf>=0.10", "lm_eval[hf]==0.4.13"],
+                 "gguf>=0.10", "lm_eval[hf]==0.4.13", "peft>=0.13"],
         "gguf": ["gguf>=0.10"],  # llama.cpp GGUF import (model/gguf.py)
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
