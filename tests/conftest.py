@@ -37,3 +37,31 @@ def tiny_export(tmp_path_factory):
     shutil.copy(resource_path("hibari.align", "assets", "seed_sp.model"),
                 root / "export" / "tokenizer.model")
     return root / "export", cfg
+
+
+BPE_SPECIALS = ("<|endoftext|>", "<s>", "</s>")
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """A byte-level BPE `tokenizers.Tokenizer` (GPT-2 / Llama-3 / SmolLM2 family, 400 ids, the
+    special tokens <|endoftext|> <s> </s> first) trained on the first 300 records (400
+    characters each) of each bundled corpus file (English and Japanese)."""
+    import gzip
+    import itertools
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from hibari.data import CORPUS_DIR
+    lines = []
+    for path in sorted(CORPUS_DIR.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines += [json.loads(line)["text"][:400] for line in itertools.islice(f, 300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=list(BPE_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok

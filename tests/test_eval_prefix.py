@@ -11,7 +11,7 @@ import json
 import gguf
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, processors
 
 from hibari.data import CORPUS_DIR
 from hibari.data.tokenizer import train_tokenizer
@@ -22,7 +22,7 @@ from hibari.evaluation.tokenizer import (
     load_tokenizer,
 )
 
-SPECIALS = ["<|endoftext|>", "<s>", "</s>"]
+SPECIALS = ["<|endoftext|>", "<s>", "</s>"]  # those of the `bpe` fixture (conftest.py)
 TEXTS = ["The capital of France is", "Question: where is the cat?\nAnswer:", "日本の首都は"]
 
 
@@ -32,18 +32,6 @@ def _corpus_lines(n=300, pattern="*.jsonl.gz"):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines += [json.loads(line)["text"][:400] for line in itertools.islice(f, n)]
     return lines
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    """A byte-level BPE tokenizer (GPT-2 / Llama-3 / SmolLM2 family) trained on the corpus."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus_lines(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
 
 
 def _save_hf(bpe, path, *, bos, eos, adds_bos):
