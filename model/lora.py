@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the Transformer blocks' linear layers.
 
     lora_cfg = LoraConfig(rank=8, alpha=16, targets=("attn/q", "attn/v"))
-    adapters = lora_params(cfg, lora_cfg, key)                  # {"layers": {"attn": {"q": {"a", "b"}}}}
+    adapters = lora_params(cfg, lora_cfg, key)      # {"layers": {"attn": {"q": {"a", "b"}}}}
     logits = lora_apply(cfg, params, adapters, lora_cfg, tokens)   # adapter forward (unmerged)
     merged = apply_lora(params, adapters, lora_cfg)                # W + scale * A @ B, same logits
 
