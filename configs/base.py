@@ -57,6 +57,16 @@ def base_config(name: str, steps: int, *, shape: dict, data: dict, lr: float,
     return c
 
 
+def loss_config() -> ml_collections.ConfigDict:
+    """config.loss of pretraining recipes (configs/pretrain): Rho-1's selective language
+    modelling (hibari.train.losses.selective_lm_loss_fn), off by default."""
+    return ml_collections.ConfigDict(dict(token_selection=ml_collections.ConfigDict(dict(
+        enabled=False,  # train only on the tokens of highest excess loss over a reference model
+        keep_ratio=0.6,  # in (0, 1]: each batch keeps its ⌈keep_ratio·n⌉ tokens of most excess
+        reference="",  # same-vocab model held beside it: run/step dir, params export, HF, .gguf
+    ))))
+
+
 def align_config(name: str, steps: int, seq_len: int = 512, batch_size: int = 8,
                  lr: float = 1e-3) -> ml_collections.ConfigDict:
     """The fields shared by configs/sft, configs/dpo and configs/reward: a tiny CPU model by

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+from typing import Callable
 
 from absl import flags
 
@@ -133,7 +134,7 @@ def config_flag_values(prog: str, argv: list[str], help_: str
 # Config fields that name files or directories, in any run config (configs/base.py and the
 # recipe files): absolute in the resolved config, so config.json holds wherever it is read.
 PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "data.train_path", "init_from",
-               "reference_cache", "reward.model", "bias.path")
+               "reference_cache", "reward.model", "bias.path", "loss.token_selection.reference")
 
 
 def absolute_path(value: str, cwd: str | os.PathLike | None = None) -> str:
@@ -298,6 +299,113 @@ def synthetic_notice(config) -> str | None:
             "--config.data.kind=packed --config.data.path=DIR (README: On a real corpus)")
 
 
+SELECTION = "config.loss.token_selection"
+
+
+def load_reference(path: str):
+    """(cfg, params) of a reference model: a .gguf file (hibari.model.gguf.import_gguf) or any
+    checkpoint kind hibari.model.params_io.load_params reads."""
+    from hibari.base.errors import InputNotFound
+    if not path:
+        raise UsageError(f"{SELECTION}.reference is empty: set --{SELECTION}.reference=CKPT "
+                         "(a run dir, params export, HF dir or .gguf file)")
+    if not os.path.exists(path):
+        raise InputNotFound(f"{SELECTION}.reference={path!r}: no such file or directory")
+    if path.endswith(".gguf"):
+        from hibari.model.gguf import import_gguf
+        return import_gguf(path)
+    from hibari.model.params_io import load_params
+    return load_params(path)
+
+
+def check_reference_tokenizer(config, reference: str, allow: bool = False) -> None:
+    """The tokenizer recorded for `reference` (a hibari run) must be the run's own (its
+    tokenizer record: config.data.tokenizer or the packed manifest); nothing to check when
+    either has none (synthetic data, GGUF / HF / params exports)."""
+    from hibari.data.tokenizer import TokenizerMismatch, recorded_tokenizer, tokenizer_record
+    ours = tokenizer_record(config)
+    theirs = recorded_tokenizer(reference) if not reference.endswith(".gguf") else None
+    if ours is None or theirs is None or ours["sha256"] == theirs["sha256"]:
+        return
+    message = (f"{SELECTION}.reference={reference!r} was trained with tokenizer "
+               f"{theirs.get('path')} (sha256 {theirs['sha256'][:12]}) but this run's data use "
+               f"{ours.get('path')} (sha256 {ours['sha256'][:12]})")
+    if not allow:
+        raise TokenizerMismatch(f"{message}: its token losses score other pieces; use a "
+                                "reference trained with this tokenizer, or "
+                                "--allow-tokenizer-mismatch to go on anyway")
+    logging.getLogger(__name__).warning("%s (--allow-tokenizer-mismatch given: going on)", message)
+
+
+def heldout_nll(config, cfg) -> Callable:
+    """on_eval(step, params, frozen) -> {"eval_nll": the plain all-token next-token loss over
+    the first config.eval_batches held-out batches} ({} without eval data): a selective run's
+    eval_loss counts only the kept tokens, this counts every token like pretraining's."""
+    state = {}
+
+    def on_eval(step, params, frozen=None):
+        import jax
+
+        from hibari.train.loop import make_loader
+        from hibari.train.losses import lm_loss_fn
+        from hibari.train.sharding import global_batch, make_mesh, normalize_rules
+        from hibari.train.step import make_eval_step
+        loader = make_loader(config, "eval")
+        if loader is None:
+            return {}
+        if not state:
+            state["mesh"] = make_mesh(config.mesh.to_dict())
+            state["rules"] = normalize_rules(config.rules)
+            state["fn"] = make_eval_step(
+                lm_loss_fn(cfg, 0.0, config.logits_chunk), mesh=state["mesh"],
+                rules=state["rules"], param_shardings=jax.tree.map(lambda x: x.sharding, params))
+        total = weight = 0.0
+        for _, local in zip(range(config.eval_batches), iter(loader)):
+            lw, w = state["fn"](params, None, global_batch(local, state["mesh"], state["rules"]))
+            total, weight = total + float(lw), weight + float(w)
+        return {"eval_nll": total / weight} if weight else {}
+    return on_eval
+
+
+def token_selection_task(config, allow_tokenizer_mismatch: bool = False):
+    """The pretraining Task of a config with loss.token_selection.enabled (Rho-1: the loss
+    counts the top keep_ratio share of each batch's tokens by excess loss over the reference
+    model, held sharded beside the model as the state's frozen parameters); None when the
+    config has no token selection or it is off. Errors (a bad keep_ratio, a missing reference,
+    another vocabulary or tokenizer) are one-line UserErrors, raised before any compilation."""
+    from hibari.model import param_axes
+    from hibari.train.loop import Task, TrainConfigError, validate_config
+    from hibari.train.losses import keep_fraction, selective_lm_loss_fn
+    loss = config.get("loss")
+    selection = loss.get("token_selection") if loss is not None else None
+    if selection is None or not selection.enabled:
+        return None
+    cfg = validate_config(config)
+    ratio = selection.keep_ratio
+    try:
+        keep_fraction(ratio)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"{SELECTION}.keep_ratio={ratio!r} must be a number in (0, 1] "
+                               "(the share of each batch's tokens the loss counts)") from None
+    reference = selection.reference
+    if reference and not reference.endswith(".gguf"):
+        from hibari.model.params_io import resolve_checkpoint
+        if os.path.exists(reference):
+            resolve_checkpoint(reference)  # not a checkpoint: named before the tokenizer check
+    if reference and os.path.exists(reference):
+        check_reference_tokenizer(config, reference, allow_tokenizer_mismatch)
+    ref_cfg, ref_params = load_reference(reference)
+    if ref_cfg.vocab_size != cfg.vocab_size:
+        raise TrainConfigError(
+            f"{SELECTION}.reference={reference!r} has vocab_size={ref_cfg.vocab_size} but "
+            f"config.model.vocab_size={cfg.vocab_size}: the reference must share the model's "
+            "tokenizer and vocabulary")
+    return Task(loss_fn=selective_lm_loss_fn(cfg, ref_cfg, ratio, config.z_loss,
+                                             config.logits_chunk),
+                frozen_params=ref_params,
+                frozen_axes=param_axes(ref_cfg), on_eval=heldout_nll(config, cfg))
+
+
 def pretrain_main(argv: list[str]) -> int:
     setup_logging()
     fv = parse_run_flags("pretrain", argv, default_config=None)
@@ -307,7 +415,8 @@ def pretrain_main(argv: list[str]) -> int:
     from hibari.train.distributed import initialize
     initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     from hibari.train.loop import train
-    summary = train(fv.config, fv.workdir)
+    task = token_selection_task(fv.config, fv.allow_tokenizer_mismatch)
+    summary = train(fv.config, fv.workdir, task)
     shown = {k: v for k, v in summary.items() if k != "params"}
     print(f"hibari pretrain: {shown}", file=sys.stderr)
     return 0

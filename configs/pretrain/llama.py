@@ -7,7 +7,7 @@ Sizes: tiny (seconds on a CPU), small (~5M, minutes on a CPU), 125m, 350m, 1b, 7
 """
 import ml_collections
 
-from hibari.configs.base import base_config
+from hibari.configs.base import base_config, loss_config
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, vocab_size, seq_len, global_batch, steps)
 SIZES = {
@@ -28,10 +28,12 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     d, layers, heads, kv, ff, vocab, seq, batch, steps = SIZES[size]
     on_accelerator = size in ACCELERATOR_SIZES
     # kind: synthetic (deterministic Markov tokens) | packed (token shards from `hibari data`)
-    return base_config(
+    c = base_config(
         f"llama-{size}", steps, lr=3e-3 if not on_accelerator else 3e-4, weight_decay=0.1,
         accelerator=on_accelerator,
         shape=dict(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv,
                    head_dim=d // heads, d_ff=ff, max_seq_len=seq),
         data=dict(kind="synthetic", path="", eval_path="", batch_size=batch, seq_len=seq,
                   weights=ml_collections.ConfigDict(), worker_count=0))
+    c.loss = loss_config()  # loss.token_selection: Rho-1 (docs/config_reference.md)
+    return c
