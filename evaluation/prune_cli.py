@@ -17,7 +17,8 @@ or lm_head.
 The output directory is a params export (model_config.json, params/, checksums.json), the
 tokenizer (tokenizer.model copied for a SentencePiece model, with the run's
 tokenizer_record.json when it had one; tokenizer.json + tokenizer_config.json for an HF or GGUF
-tokenizer, checked to encode the calibration text to the same ids), prune_report.json and
+tokenizer, checked to encode the calibration text and an English and a Japanese sentence to the
+same ids, under the run's --prefix), prune_report.json and
 prune_report.md (achieved sparsity per matrix, zeros that were already there counted apart). It is
 written to a temporary sibling directory and renamed into place when complete, so an interrupted
 run leaves no half checkpoint; an existing --out is replaced only if it is a previous prune
@@ -230,7 +231,7 @@ def prune_main(argv=None) -> int:
         shutil.rmtree(tmp)
     try:
         save_params(tmp, cfg, pruned)
-        probe = (texts or ["The quick brown fox.", "吾輩は猫である。"])[:8]
+        probe = (texts or [])[:8] + ["The quick brown fox.", "吾輩は猫である。"]
         report["tokenizer"] = save_tokenizer(tok, args.checkpoint, tmp, probe)
         (tmp / "prune_report.md").write_text(markdown_report(report))
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")  # last: marks it whole

@@ -341,8 +341,11 @@ def save_tokenizer(tok: EvalTokenizer, checkpoint: str | Path, out: Path,
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
     again = load_hf_tokenizer(out)
     same = ((again.bos_id, again.eos_id, again.add_bos, again.pad_id)
-            == (tok.bos_id, tok.eos_id, tok.add_bos, tok.pad_id)
-            and all(again.encode(t) == tok.encode(t) for t in probe))
+            == (tok.bos_id, tok.eos_id, tok.add_bos, tok.pad_id))
+    if same:  # the prefix (--prefix) is a choice of the run, not saved: compare under tok's
+        again.set_prefix(tok.prefix)
+        same = all(again.encode(t) == tok.encode(t)
+                   and again.encode_fragment(t) == tok.encode_fragment(t) for t in probe)
     if not same:
         raise UserError(f"the tokenizer of {checkpoint} does not round-trip through "
                         "tokenizer.json; pass --tokenizer with an HF tokenizer directory")
