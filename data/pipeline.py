@@ -14,7 +14,10 @@ Stages keyed by content. Each stage's output records a fingerprint of what shape
 
     filter shard i   input file i (path + size + mtime_ns, or a content hash) + text_field, html,
                      languages, word list content
-    dedup / corpus   every filter shard's fingerprint + the dedup config
+    quality          (optional) every filter shard's fingerprint + the classifier (model file, or
+                     its reference / other inputs and seed) and threshold + the perplexity
+                     checkpoint's files, tokenizer, keep share and max_tokens
+    dedup / corpus   every filter (or quality) shard's fingerprint + the dedup config
     tokenizer        corpus + vocab size, model type, character coverage, heldout_every
     pack (per dir)   tokenizer + corpus + seq_len, method, source_field, heldout_every
 
@@ -36,6 +39,8 @@ import re
 import zlib
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from hibari.base.errors import UsageError, UserError
 from hibari.base.files import json_digest
 from hibari.base.progress import progress_bar
@@ -43,10 +48,18 @@ from hibari.base.runlock import DirLock
 from hibari.data.clean import clean_docs
 from hibari.data.dedup import NearDedupConfig, dedup_files
 from hibari.data.filters import FilterStats, default_filters, filter_docs
-from hibari.data.sources import BadInput, SourceStats, expand_paths, read_docs, write_jsonl
+from hibari.data.quality import (
+    ClassifierConfig,
+    PerplexityScorer,
+    QualityClassifier,
+    percentile_keep,
+    plant_noise,
+    train_classifier,
+)
+from hibari.data.sources import BadInput, Doc, SourceStats, expand_paths, read_docs, write_jsonl
 
 # Raise a stage's version when its code changes what it writes: outputs of the old code are redone.
-STAGE_VERSIONS = {"filter": 1, "dedup": 1, "tokenizer": 1, "pack": 1}
+STAGE_VERSIONS = {"filter": 1, "quality": 1, "dedup": 1, "tokenizer": 1, "pack": 1}
 FINGERPRINT_MODES = ("stat", "content")
 
 
@@ -70,6 +83,16 @@ class PrepareConfig:
     heldout_every: int = 20              # hold out documents with crc32(id) % heldout_every == 0
     resume_only: bool = False            # a stage whose recorded inputs differ is an error, not redone
     input_fingerprint: str = "stat"      # "stat": path + size + mtime_ns; "content": + blake2b of the bytes
+    # Model-based quality stage (data/quality.py), after the rule filters, before dedup; off unless set.
+    quality_classifier: str | None = None               # a QualityClassifier .npz (hashed n-gram logistic regression)
+    quality_classifier_reference: list[str] | None = None  # or train one in-process: reference globs (label 1)
+    quality_classifier_other: list[str] | None = None   # "other" globs (label 0); unset: planted noise of the reference
+    quality_classifier_threshold: float = 0.5           # drop documents with P(reference) < threshold
+    quality_classifier_seed: int = 0                     # training order and the planted noise
+    perplexity_checkpoint: str | None = None            # a hibari checkpoint (run dir, step dir, params export)
+    perplexity_tokenizer: str | None = None             # its SentencePiece model (default: the run's tokenizer record)
+    perplexity_keep: float = 0.8                         # share kept per language: lowest bits/byte first
+    perplexity_max_tokens: int = 256                     # each document scored on its first tokens
 
 
 class PrepareError(UserError, ValueError):
@@ -259,6 +282,199 @@ def _filter_shard(path: str, out_path: str, cfg: PrepareConfig, words: list[str]
     return stats
 
 
+
+# ------------------------------------------------------------------ quality stage (model-based filters)
+def quality_enabled(cfg: PrepareConfig) -> bool:
+    return bool(cfg.quality_classifier or cfg.quality_classifier_reference or cfg.perplexity_checkpoint)
+
+
+def _perplexity_tokenizer(cfg: PrepareConfig) -> str:
+    if cfg.perplexity_tokenizer:
+        return cfg.perplexity_tokenizer
+    from hibari.data.tokenizer import recorded_tokenizer
+    record = recorded_tokenizer(cfg.perplexity_checkpoint)
+    if not record or not isinstance(record.get("path"), str) or not os.path.exists(record["path"]):
+        raise UsageError(f"PrepareConfig.perplexity_tokenizer is not set and {cfg.perplexity_checkpoint} records "
+                         "no tokenizer that exists; set perplexity_tokenizer to the model's SentencePiece file")
+    return record["path"]
+
+
+def check_quality_config(cfg: PrepareConfig) -> None:
+    """One-line UsageErrors naming the PrepareConfig field at fault."""
+    if cfg.quality_classifier and cfg.quality_classifier_reference:
+        raise UsageError("PrepareConfig.quality_classifier and quality_classifier_reference are both set: give "
+                         "a trained model file or reference inputs to train one, not both")
+    if cfg.quality_classifier_other and not cfg.quality_classifier_reference:
+        raise UsageError("PrepareConfig.quality_classifier_other is set without quality_classifier_reference")
+    for name in ("quality_classifier_reference", "quality_classifier_other"):
+        if getattr(cfg, name) is not None and (isinstance(getattr(cfg, name), str) or not getattr(cfg, name)):
+            raise UsageError(f"PrepareConfig.{name}={getattr(cfg, name)!r}: must be a non-empty list of paths/globs")
+    if not 0.0 <= cfg.quality_classifier_threshold <= 1.0:
+        raise UsageError(f"PrepareConfig.quality_classifier_threshold={cfg.quality_classifier_threshold}: "
+                         "must be in [0, 1] (documents with P(reference) below it are dropped)")
+    if not 0.0 < cfg.perplexity_keep <= 1.0:
+        raise UsageError(f"PrepareConfig.perplexity_keep={cfg.perplexity_keep}: must be in (0, 1] "
+                         "(the share of each language's documents kept)")
+    if cfg.perplexity_max_tokens < 2:
+        raise UsageError(f"PrepareConfig.perplexity_max_tokens={cfg.perplexity_max_tokens}: must be >= 2")
+    if cfg.perplexity_tokenizer and not cfg.perplexity_checkpoint:
+        raise UsageError("PrepareConfig.perplexity_tokenizer is set without perplexity_checkpoint")
+    for name in ("quality_classifier", "perplexity_checkpoint", "perplexity_tokenizer"):
+        path = getattr(cfg, name)
+        if path and not os.path.exists(path):
+            raise PrepareError(f"PrepareConfig.{name}={path!r} does not exist (relative to {os.getcwd()})")
+
+
+def _tree_fingerprint(path: str) -> str:
+    """Digest of every file's relative path, size and mtime_ns under `path` (a checkpoint)."""
+    entries = []
+    for root, _, files in os.walk(path):
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            st = os.stat(full)
+            entries.append([os.path.relpath(full, path), st.st_size, st.st_mtime_ns])
+    return json_digest([os.path.abspath(path), sorted(entries)])[:16]
+
+
+def _plan_quality(cfg: PrepareConfig, filters: list[Step]) -> Step:
+    inputs, params = {}, {"quality_classifier_threshold": cfg.quality_classifier_threshold}
+    if cfg.quality_classifier:
+        inputs[cfg.quality_classifier] = file_fingerprint(cfg.quality_classifier, "content")
+    if cfg.quality_classifier_reference:
+        for path in expand_paths(cfg.quality_classifier_reference + (cfg.quality_classifier_other or [])):
+            inputs[path] = file_fingerprint(path, cfg.input_fingerprint)
+        params.update({"quality_classifier_seed": cfg.quality_classifier_seed,
+                       "quality_classifier_other": "files" if cfg.quality_classifier_other else "planted noise"})
+    if cfg.perplexity_checkpoint:
+        from hibari.model.params_io import resolve_checkpoint
+        _, where, _ = resolve_checkpoint(cfg.perplexity_checkpoint)
+        tok = _perplexity_tokenizer(cfg)
+        inputs[tok] = file_fingerprint(tok, "content")
+        params.update({"perplexity_checkpoint": _tree_fingerprint(str(where)),
+                       "perplexity_keep": cfg.perplexity_keep, "perplexity_max_tokens": cfg.perplexity_max_tokens})
+    return Step("quality", os.path.join(cfg.out, "quality"), stage_fingerprint(
+        "quality", inputs=inputs, params=params,
+        upstream={os.path.relpath(s.output, cfg.out): s.fingerprint["digest"] for s in filters}))
+
+
+def _quality_outputs(cfg: PrepareConfig, filters: list[Step]) -> list[str]:
+    return [os.path.join(cfg.out, "quality", os.path.basename(s.output)) for s in filters]
+
+
+def _quality_sidecar(cfg: PrepareConfig, filters: list[Step]) -> tuple[dict | None, bool, str]:
+    """(recorded fingerprint, outputs exist, why an output changed) of the quality stage."""
+    record_path = os.path.join(cfg.out, "quality", "stage.json")
+    outputs = _quality_outputs(cfg, filters)
+    if not os.path.exists(record_path) or not all(map(os.path.exists, outputs)):
+        return None, False, ""
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, True, ""
+    was = record.get("outputs", {})
+    for path in outputs:
+        name = os.path.basename(path)
+        if was.get(name) != output_stat(path):
+            return record.get("fingerprint"), True, f"quality/{name} was modified after this stage wrote it"
+    return record.get("fingerprint"), True, ""
+
+
+def _quality_classifier(cfg: PrepareConfig) -> tuple[QualityClassifier | None, dict]:
+    if cfg.quality_classifier:
+        return QualityClassifier.load(cfg.quality_classifier), {"path": cfg.quality_classifier}
+    if not cfg.quality_classifier_reference:
+        return None, {}
+    reference = list(clean_docs(read_docs(cfg.quality_classifier_reference, nonempty=True), cfg.html))
+    if cfg.quality_classifier_other:
+        other = list(clean_docs(read_docs(cfg.quality_classifier_other, nonempty=True), cfg.html))
+    else:
+        noisy, labels = plant_noise(reference, rate=1.0, seed=cfg.quality_classifier_seed)
+        other = [d for d, label in zip(noisy, labels) if label]
+    clf = train_classifier([d["text"] for d in reference], [d["text"] for d in other],
+                           ClassifierConfig(seed=cfg.quality_classifier_seed))
+    path = os.path.join(cfg.out, "quality", "classifier.npz")
+    clf.save(path)
+    return clf, {"path": path, "trained_on": {"reference_docs": len(reference), "other_docs": len(other),
+                                              "other": "files" if cfg.quality_classifier_other else "planted noise"}}
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _quality_stage(cfg: PrepareConfig, filters: list[Step], step: Step) -> dict:
+    """Score every filtered document (classifier P(reference); bits/byte of those it keeps), find
+    each language's perplexity cut over all shards, then write `quality/<shard>` with the kept
+    documents (scores in meta `quality_p` / `bits_per_byte`). Returns the stage's report."""
+    os.makedirs(step.output, exist_ok=True)
+    clf, clf_info = _quality_classifier(cfg)
+    scorer = None
+    if cfg.perplexity_checkpoint:
+        scorer = PerplexityScorer.from_checkpoint(cfg.perplexity_checkpoint, _perplexity_tokenizer(cfg),
+                                                  max_tokens=cfg.perplexity_max_tokens)
+    probs, bpb, langs = [], [], []  # pass 1: scores, one entry per filtered document
+    for s in filters:
+        for batch in _batches(read_docs(s.output), 256):
+            texts = [d["text"] for d in batch]
+            p = clf.score(texts) if clf else np.ones(len(batch))
+            probs.append(p)
+            b = np.full(len(batch), np.nan)
+            keep = p >= cfg.quality_classifier_threshold
+            if scorer is not None and keep.any():
+                b[keep] = scorer.bits_per_byte([t for t, k in zip(texts, keep) if k])
+            bpb.append(b)
+            langs += [d["meta"].get("lang", "?") for d in batch]
+    probs = np.concatenate(probs) if probs else np.zeros(0)
+    bpb = np.concatenate(bpb) if bpb else np.zeros(0)
+    passed = probs >= cfg.quality_classifier_threshold
+    keep = passed.copy()
+    ppl_report = {}
+    if scorer is not None and passed.any():
+        where = np.flatnonzero(passed)
+        kept = percentile_keep(bpb[where], [langs[i] for i in where], cfg.perplexity_keep)
+        keep[where[~kept]] = False
+        for lang in sorted({langs[i] for i in where}):
+            mine = where[[langs[i] == lang for i in where]]
+            kept_scores = bpb[mine][keep[mine]]
+            ppl_report[lang] = {"docs": int(len(mine)), "kept": int(keep[mine].sum()),
+                                "max_kept_bits_per_byte": round(float(kept_scores.max()), 4),
+                                "median_bits_per_byte": round(float(np.median(bpb[mine])), 4)}
+    stats = FilterStats()
+    outputs, i = {}, 0
+    for s, out_path in zip(filters, _quality_outputs(cfg, filters)):
+        def scored(docs):
+            nonlocal i
+            for d in docs:
+                meta = {**d["meta"], "quality_p": round(float(probs[i]), 4)}
+                if not np.isnan(bpb[i]):
+                    meta["bits_per_byte"] = round(float(bpb[i]), 4)
+                if not keep[i]:
+                    meta["_quality_reason"] = "quality.classifier" if not passed[i] else "quality.perplexity"
+                i += 1
+                yield {**d, "meta": meta}
+        write_jsonl(out_path, filter_docs(scored(read_docs(s.output)), [_given_reason], stats))
+        outputs[os.path.basename(out_path)] = output_stat(out_path)
+    report = {**stats.report(), "classifier": {**clf_info, "threshold": cfg.quality_classifier_threshold}
+              if clf else None, "perplexity": {"checkpoint": cfg.perplexity_checkpoint, "keep": cfg.perplexity_keep,
+                                               "languages": ppl_report} if scorer else None}
+    _write_sidecar(os.path.join(step.output, "stage.json"), {"fingerprint": step.fingerprint, "quality": report,
+                                                              "outputs": outputs})
+    return report
+
+
+def _given_reason(doc: Doc) -> str | None:
+    """The filter of the quality stage's second pass: the reason decided in the first."""
+    return doc["meta"].pop("_quality_reason", None)
+
+
 def is_heldout(doc_id: str, every: int = 20) -> bool:
     return zlib.crc32(doc_id.encode()) % every == 0
 
@@ -318,13 +534,16 @@ def _plan_filters(cfg: PrepareConfig, paths: list[str], words: list[str]) -> lis
     return filters
 
 
-def _plan_rest(cfg: PrepareConfig, filters: list[Step]) -> dict[str, Step]:
-    """The fingerprints of the stages after filtering, from the filter shards' (recorded or new)."""
+def _plan_rest(cfg: PrepareConfig, filters: list[Step], quality: Step | None = None) -> dict[str, Step]:
+    """The fingerprints of the stages after filtering, from the filter shards' (recorded or new),
+    or the quality stage's when it runs."""
     dedup = asdict(cfg.dedup.resolved())
+    upstream = ({"quality": quality.fingerprint["digest"]} if quality else
+                {os.path.relpath(s.output, cfg.out): s.fingerprint["digest"] for s in filters})
     corpus = Step("dedup", os.path.join(cfg.out, "corpus.jsonl.gz"), stage_fingerprint(
-        "dedup", params={f"dedup.{k}": v for k, v in dedup.items()},
-        upstream={os.path.relpath(s.output, cfg.out): s.fingerprint["digest"] for s in filters}))
-    steps = {"dedup": corpus}
+        "dedup", params={f"dedup.{k}": v for k, v in dedup.items()}, upstream=upstream))
+    steps = {"quality": quality} if quality else {}
+    steps["dedup"] = corpus
     if cfg.tokenizer_vocab_size:
         steps["tokenizer"] = Step("tokenizer", os.path.join(cfg.out, "tokenizer.model"), stage_fingerprint(
             "tokenizer", params={"tokenizer_vocab_size": cfg.tokenizer_vocab_size,
@@ -350,7 +569,11 @@ def _plan(cfg: PrepareConfig, paths: list[str], words: list[str]) -> tuple[list[
     filters = _plan_filters(cfg, paths, words)
     for step in filters:
         _decide(step, *_sidecar(step.output, step.output + ".stats.json"), cfg)
-    steps = _plan_rest(cfg, filters)
+    quality = None
+    if quality_enabled(cfg):
+        quality = _plan_quality(cfg, filters)
+        _decide(quality, *_quality_sidecar(cfg, filters), cfg)
+    steps = _plan_rest(cfg, filters, quality)
     for name in ("dedup", "tokenizer"):
         if name in steps:
             _decide(steps[name], *_sidecar(steps[name].output, steps[name].output + ".stage.json"), cfg)
@@ -414,6 +637,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.input_fingerprint not in FINGERPRINT_MODES:
         raise UsageError(f"PrepareConfig.input_fingerprint={cfg.input_fingerprint!r}: choose one of "
                          f"{FINGERPRINT_MODES}")
+    check_quality_config(cfg)
     paths = expand_paths(cfg.inputs)
     for path in paths:
         if os.path.getsize(path) == 0:
@@ -444,18 +668,35 @@ def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str]) -> d
             shard_stats.append(_filter_shard(path, step.output, cfg, words, step.fingerprint))
         shard_stats[-1] = {k: v for k, v in shard_stats[-1].items() if k not in ("fingerprint", "output")}
 
+    dedup_inputs, dedup_keys = [s.output for s in filters], [s.fingerprint["digest"] for s in filters]
+    quality = steps.get("quality")
+    if quality is not None:
+        if quality.status == "reused":
+            with open(os.path.join(quality.output, "stage.json")) as f:
+                quality_report = json.load(f)["quality"]
+        else:
+            quality_report = _quality_stage(cfg, filters, quality)
+        dedup_inputs = _quality_outputs(cfg, filters)
+        dedup_keys = [f"{quality.fingerprint['digest']}-{i}" for i in range(len(filters))]
+
     corpus = steps["dedup"]
     if corpus.status == "reused":
         with open(corpus.output + ".stage.json") as f:
             dedup = json.load(f)["dedup"]
     else:
-        dedup = dedup_files([s.output for s in filters], corpus.output, cfg.dedup,
+        dedup = dedup_files(dedup_inputs, corpus.output, cfg.dedup,
                             work_dir=os.path.join(cfg.out, "dedup-work"), processes=cfg.processes,
-                            input_keys=[s.fingerprint["digest"] for s in filters])
+                            input_keys=dedup_keys)
         _write_sidecar(corpus.output + ".stage.json", {"fingerprint": corpus.fingerprint, "dedup": dedup,
                                                        "output": output_stat(corpus.output)})
     report = {"config": {**asdict(cfg), "dedup": cfg.dedup.describe()}, "shards": shard_stats, "dedup": dedup,
               "totals": _totals(shard_stats, dedup)}
+    if quality is not None:
+        report["quality"] = quality_report
+        report["totals"]["quality_docs"] = quality_report["docs_out"]
+        report["totals"]["quality_chars"] = quality_report["chars_out"]
+        report["totals"]["quality_dropped"] = {r: {"docs": d["docs"], "chars": d["chars"]}
+                                               for r, d in quality_report["dropped"].items()}
 
     if cfg.tokenizer_vocab_size:
         from hibari.data.tokenizer import file_sha256, load_tokenizer, tokenizer_report
@@ -504,6 +745,10 @@ def summary(report: dict) -> str:
     lines = [f"read       {t['read_docs']:>8} docs {t['read_chars']:>12} chars  ({t['bad_records']} bad records skipped)",
              f"filtered   {t['filtered_docs']:>8} docs {t['filtered_chars']:>12} chars"]
     lines += [f"  - {reason:<40} {d['docs']:>6} docs {d['chars']:>10} chars" for reason, d in t["dropped"].items()]
+    if "quality_docs" in t:
+        lines.append(f"quality    {t['quality_docs']:>8} docs {t['quality_chars']:>12} chars")
+        lines += [f"  - {reason:<40} {d['docs']:>6} docs {d['chars']:>10} chars"
+                  for reason, d in t["quality_dropped"].items()]
     d = report["dedup"]
     lines.append(f"dedup      {t['dedup_docs_out']:>8} docs  (exact -{t['exact_removed']}, near -{t['near_removed']} "
                  f"in {t['near_clusters']} clusters; b={d['config']['bands']} r={d['config']['rows']}, "
@@ -528,5 +773,5 @@ def stage_summary(stages: dict) -> str:
     for s in stages.get("filter", []):
         filters[s["status"]] = filters.get(s["status"], 0) + 1
     parts = ["filter " + ", ".join(f"{n} {status}" for status, n in sorted(filters.items()))]
-    parts += [f"{k} {s['status']}" for k, s in stages.items() if k != "filter"]
+    parts += [f"{k} {s['status']}" for k, s in stages.items() if k != "filter"]  # quality, dedup, ...
     return " | ".join(parts)
