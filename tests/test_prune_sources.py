@@ -15,8 +15,10 @@ from tokenizers import Tokenizer, processors
 from hibari.data import CORPUS_DIR
 from hibari.evaluation.activation_data import read_texts, token_batches
 from hibari.evaluation.cli import eval_main
-from hibari.evaluation.lm import load_lm
+from hibari.evaluation.lm import LanguageModel, load_lm
 from hibari.evaluation.prune_cli import prune_main
+from hibari.evaluation.runner import evaluate_task
+from hibari.evaluation.tasks import load_task
 from hibari.evaluation.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
 from hibari.model import ModelConfig, apply, init
 from hibari.model.activations import dense_statistics
@@ -67,6 +69,7 @@ def hf_source(bpe, tmp_path_factory):
     return root / "hf", calib
 
 
+@pytest.mark.slow  # ~8 s with the fixture (a prune, an eval and a wanda prune)
 def test_prune_of_an_hf_directory_loads_with_its_tokenizer(hf_source, tmp_path):
     hf_dir, calib = hf_source
     source_tok = load_hf_tokenizer(hf_dir)
@@ -166,6 +169,7 @@ def _write_gguf(bpe, cfg: ModelConfig, path: Path) -> None:
     w.close()
 
 
+@pytest.mark.slow  # ~7 s (a prune and two evaluations)
 def test_prune_of_a_gguf_file_loads_with_its_tokenizer(bpe, tmp_path):
     cfg = _cfg(bpe.get_vocab_size())
     source = tmp_path / "tiny.gguf"
@@ -190,3 +194,11 @@ def test_prune_of_a_gguf_file_loads_with_its_tokenizer(bpe, tmp_path):
     np.testing.assert_array_equal(got, want)
     # the pruning did change the model (the comparison above is not dense = dense)
     assert np.abs(got - np.asarray(apply(gcfg, gparams, tokens))).max() > 1e-3
+    # hibari eval reads it, and scores it as the reference model with the source's tokenizer
+    assert eval_main(["--checkpoint", str(out), "--tasks", "botchan_perplexity", "--limit", "1",
+                      "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["meta"]["tokenizer"] == str(out / "tokenizer.json")
+    reference = evaluate_task(LanguageModel(gcfg, expected, source_tok),
+                              load_task("botchan_perplexity"), limit=1)
+    assert results["results"][0]["metrics"] == pytest.approx(reference["metrics"], rel=1e-5)
