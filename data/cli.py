@@ -9,6 +9,7 @@
     hibari data pack      --source en='en/*.jsonl.gz' --source ja=ja.jsonl.gz --tokenizer tok.model --out DIR --seq-len 1024
     hibari data pipeline  --input 'corpus/*.jsonl.gz' --out DIR [--vocab-size 8000] [--seq-len 1024]
     hibari data prepare   --config configs/data/quickstart.py:runs/data/quickstart [--resume-only]
+    hibari data prepare   --config configs/data/quality.py:runs/data/quality[,CHECKPOINT]  # + model-based quality stage
 
 pipeline / prepare into an existing folder reuse each stage whose recorded fingerprint (inputs
 and settings) still matches and redo the others with everything after them; --resume-only fails

@@ -222,3 +222,13 @@ def test_bad_classifier_file_names_it(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="bad.npz: not a quality classifier"):
         QualityClassifier.load(str(tmp_path / "bad.npz"))
+
+
+def test_quality_config_variant_loads(tmp_path):
+    from hibari.data.cli import load_prepare_config
+    cfg = load_prepare_config(f"configs/data/quality.py:{tmp_path / 'o'}")
+    assert cfg.out == str(tmp_path / "o") and cfg.perplexity_checkpoint is None
+    assert cfg.quality_classifier_reference == [os.path.join(CORPUS, "*.jsonl.gz")]
+    assert cfg.quality_classifier_other is None  # planted noise of the reference
+    cfg = load_prepare_config(f"configs/data/quality.py:{tmp_path / 'o'},runs/x/pretrain")
+    assert (cfg.perplexity_checkpoint, cfg.perplexity_keep) == ("runs/x/pretrain", 0.8)
