@@ -294,6 +294,8 @@ def attach(params, adapters, lora_cfg: LoraConfig, rng: jax.Array | None = None)
     tree `_forward` runs; differentiable in `adapters`."""
     _check_paths(params, adapters)
     use_dropout = rng is not None and lora_cfg.dropout > 0
+    if use_dropout and not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # a raw uint32 PRNGKey
     for i, (path, ab) in enumerate(_adapter_modules(adapters)):
         extra = {"lora_a": ab["a"], "lora_b": ab["b"]}
         if use_dropout:
