@@ -64,11 +64,9 @@ def _mix(z):
 
 
 def word_hash(word: str) -> int:
-    """64-bit hash of one word (its first MAX_WORD_CHARS characters)."""
-    h = 0
-    for ch in word[:MAX_WORD_CHARS]:
-        h = (h * P_CHAR + ord(ch) + 1) & MASK64
-    return h
+    """64-bit hash of one word: sum over its first MAX_WORD_CHARS characters of
+    (code point + 1) * P_CHAR**position, mod 2**64."""
+    return sum((ord(ch) + 1) * pow(P_CHAR, j, 1 << 64) for j, ch in enumerate(word[:MAX_WORD_CHARS])) & MASK64
 
 
 def ngram_hash(gram: Sequence[str] | str, kind: str, n_features: int) -> int:
@@ -90,15 +88,16 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+WORD_POWERS = np.array([pow(P_CHAR, j, 1 << 64) for j in range(MAX_WORD_CHARS)], np.uint64)
+
+
 def _word_hashes(words: list[str]) -> np.ndarray:
+    """`word_hash` of each word: one uint64 matrix-vector product (padding code points are 0)."""
     arr = np.array(words, dtype=f"<U{MAX_WORD_CHARS}")  # truncates, zero-pads
     cps = arr.view(np.uint32).reshape(len(words), -1).astype(np.uint64)
-    h = np.zeros(len(words), np.uint64)
+    cps += cps > 0
     with np.errstate(over="ignore"):
-        for j in range(cps.shape[1]):
-            col = cps[:, j]
-            h = np.where(col > 0, h * np.uint64(P_CHAR) + col + np.uint64(1), h)
-    return h
+        return cps @ WORD_POWERS[:cps.shape[1]]
 
 
 def _rolling(units: np.ndarray, n: int, base: int, add: int) -> np.ndarray:
