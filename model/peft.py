@@ -15,12 +15,15 @@ Tensor names: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (
 saved names, without the adapter name), likewise k/v/o_proj and mlp.gate/up/down_proj.
 
 Import accepts plain LoRA only: every layer adapted the same way, no biases, no
-fan_in_fan_out, no modules_to_save, no rank/alpha patterns, no DoRA or rsLoRA; anything else
-raises PeftFormatError naming the field or tensor.
+fan_in_fan_out, no modules_to_save, no rank/alpha patterns, no DoRA; anything else raises
+PeftFormatError naming the field or tensor. rsLoRA (scale alpha / sqrt(r)) imports exactly as
+alpha' = alpha * sqrt(r) (scale alpha' / r); `lora_dropout` is kept, `target_modules` is
+replaced by the modules whose tensors are present.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -137,7 +140,6 @@ def export_peft(cfg: ModelConfig, lora_cfg: LoraConfig, adapters, out_dir: str |
 _UNSUPPORTED = {  # field: (value meaning "off", why it matters)
     "fan_in_fan_out": (False, "weights stored transposed (GPT-2 Conv1D layers)"),
     "use_dora": (False, "DoRA's magnitude vectors"),
-    "use_rslora": (False, "rsLoRA's alpha / sqrt(r) scaling"),
     "modules_to_save": (None, "fully trained extra modules"),
     "layers_to_transform": (None, "adapters on some layers only"),
     "rank_pattern": ({}, "per-module ranks"),
@@ -184,6 +186,9 @@ def import_peft(peft_dir: str | Path, cfg: ModelConfig) -> tuple[LoraConfig, Any
         raise InputNotFound(f"{peft_dir}: no {ADAPTER_WEIGHTS} (hibari reads safetensors only; "
                             "re-save with save_pretrained(dir, safe_serialization=True))")
     rank, alpha = config.get("r"), config.get("lora_alpha")
+    rslora = bool(config.get("use_rslora", False))
+    if rslora and isinstance(rank, int) and isinstance(alpha, (int, float)) and rank > 0:
+        alpha = alpha * math.sqrt(rank)  # rsLoRA's alpha / sqrt(r) = (alpha sqrt(r)) / r
     by_hf = {hf: module for module, (hf, _) in module_names(cfg).items()}
     found: dict[str, set] = {}
     tensors = {}

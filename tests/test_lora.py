@@ -270,6 +270,12 @@ def test_peft_import_round_trip_and_refusals(tmp_path):
         import_peft(partial, TINY)
     with pytest.raises(PeftFormatError, match="shape"):
         import_peft(out, TINY.replace(d_ff=32))
+    rs = tmp_path / "rslora"  # scale alpha / sqrt(r) = (alpha * sqrt(r)) / r
+    rs.mkdir()
+    (rs / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    (rs / "adapter_model.safetensors").write_bytes(
+        (out / "adapter_model.safetensors").read_bytes())
+    assert import_peft(rs, TINY)[0].scale == pytest.approx(6.0 / np.sqrt(3))
 
 
 @pytest.mark.slow
@@ -301,3 +307,17 @@ def test_peft_loads_export_with_hibari_logits(tmp_path):
     lc2, back = load_adapters(tmp_path / "back", TINY)
     assert lc2 == dataclasses.replace(lc, targets=lc.modules)
     jax.tree.map(np.testing.assert_array_equal, back, ad)
+    # rsLoRA adapters (scale alpha / sqrt(r)) import to the function peft computes
+    rs = tmp_path / "rslora"
+    rs.mkdir()
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (rs / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    (rs / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "peft" / "adapter_model.safetensors").read_bytes())
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(model, str(rs)).eval()
+        theirs = model(torch.tensor(np.asarray(tokens))).logits.numpy()
+    lc_rs, ad_rs = import_peft(rs, TINY)
+    np.testing.assert_allclose(theirs, lora_apply(TINY, params, ad_rs, lc_rs, tokens),
+                               atol=1e-4, rtol=0)
