@@ -1,6 +1,8 @@
-"""End to end: sources -> clean -> filter (per input shard) -> dedup -> [tokenizer] -> [pack].
+"""End to end: sources -> clean -> filter (per input shard) -> [quality] -> dedup -> [tokenizer] -> [pack].
 
-Writes under `out/`: `filtered/<shard>.jsonl.gz` (+ `.stats.json`), `corpus.jsonl.gz` (deduplicated,
+Writes under `out/`: `filtered/<shard>.jsonl.gz` (+ `.stats.json`), with the optional model-based
+quality stage (`quality_classifier*` / `perplexity_*` fields, data/quality.py) `quality/<shard>.jsonl.gz`
+(+ `quality/stage.json`, `quality/classifier.npz` when trained in-process), `corpus.jsonl.gz` (deduplicated,
 with `corpus.jsonl.gz.removed.jsonl`), optionally `tokenizer.model`, `packed/` (training documents)
 and `packed-heldout/` (held-out documents), and `report.json` + `summary.txt`.
 
@@ -280,7 +282,6 @@ def _filter_shard(path: str, out_path: str, cfg: PrepareConfig, words: list[str]
              "output": output_stat(out_path)}
     _write_sidecar(out_path + ".stats.json", stats)
     return stats
-
 
 
 # ------------------------------------------------------------------ quality stage (model-based filters)
