@@ -1,6 +1,7 @@
 """Model-based quality filters (data/quality.py): feature hashing against a brute-force n-gram
 count, the classifier on planted noise, determinism, the per-language perplexity percentile, and
 the quality stage of `hibari data prepare` (counts by reason, reruns only from that stage)."""
+import dataclasses
 import json
 import math
 import os
@@ -200,6 +201,11 @@ def get_config(arg):
     assert "quality_classifier_threshold 0.5 -> 0.6" in stages["quality"]["why"]
     assert stamps == {f: os.path.getmtime(out / "filtered" / f) for f in os.listdir(out / "filtered")}
     assert run(0.6)["stages"]["quality"]["status"] == "reused"
+    from hibari.data.cli import load_prepare_config
+    from hibari.data.pipeline import StageChanged, prepare
+    cfg.write_text(template.replace("THRESHOLD", "0.7"))
+    with pytest.raises(StageChanged, match="quality stage.*quality_classifier_threshold 0.6 -> 0.7"):
+        prepare(dataclasses.replace(load_prepare_config(f"{cfg}:{out}"), resume_only=True))
 
 
 @pytest.mark.parametrize("fields, match", [
