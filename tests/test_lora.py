@@ -88,8 +88,9 @@ def test_fresh_adapters_shapes_init_and_axes():
 
 
 # ------------------------------------------------------------------------ forward and merge
-@pytest.mark.parametrize("changes", [{}, {"scan_layers": False}, {"remat": "full"}],
-                         ids=["scanned", "unscanned", "remat"])
+@pytest.mark.parametrize("changes", [
+    {}, pytest.param({"scan_layers": False}, marks=pytest.mark.slow), {"remat": "full"}],
+    ids=["scanned", "unscanned", "remat"])
 def test_b_zero_is_base_and_merge_equals_adapter_forward(changes):
     cfg = TINY.replace(**changes)
     params = init(cfg, jax.random.key(0))
