@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("hibari.evaluation.cli:generate_main", "complete prompts with a checkpoint (KV-cache decoding)"),
     "prune": ("hibari.evaluation.prune_cli:prune_main", "prune a checkpoint's linear layers: Wanda (activation-aware, calibrated on text or a task), magnitude or random -> a checkpoint every command loads"),
     "analyze": ("hibari.evaluation.analyze_cli:analyze_main", "analyses of a checkpoint: language-specific MLP neurons (LAPE) and their ablation"),
+    "lora": ("hibari.model.lora_cli:lora_main", "LoRA adapters: merge into the base, export to / import from PEFT files"),
     "judge": ("hibari.evaluation.judge_cli:judge_main", "LLM-as-a-judge: answers from several models graded pairwise and by score; ratings and the judge's bias report"),
     "slick": ("hibari.evaluation.slick_cli:slick_main", "SliCK knowledge probe: facts classified HighlyKnown / MaybeKnown / WeaklyKnown / Unknown by sampling a model"),
     "sft": ("hibari.align.cli:sft_main", "supervised fine-tuning, response-only loss (resumes from its workdir)"),
