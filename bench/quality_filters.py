@@ -9,7 +9,8 @@ crc32(id) % 4: fold 0 is evaluated, with `plant_noise(rate=--rate, seed=--seed)`
 share of its documents by shuffled words (ja: character chunks), boilerplate, repeated lines or
 mixed-script noise; folds 1-3 train the classifier: reference = their clean documents, other =
 planted noise of the same documents (every kind, another seed). Threshold 0.5 on P(reference).
-Perplexity filter: bits/byte of the first 256 tokens under the given hibari checkpoint, keeping
+Perplexity filter: bits/byte of the first 256 tokens (BOS + 255 of the document) under the given
+hibari checkpoint (hibari.evaluation.quality_scoring, as `hibari data prepare` scores), keeping
 `--keep` of each language (lowest first); with rules, the percentile is over the rules' survivors
 (the order `hibari data prepare` runs them in). The quickstart model was pretrained on the bundled
 corpus except its held-out twentieth (crc32(id) % 20 == 0), so its clean documents are partly
@@ -39,12 +40,12 @@ from hibari.data.filters import FilterStats, default_filters, filter_docs  # noq
 from hibari.data.quality import (  # noqa: E402
     NOISE_KINDS,
     ClassifierConfig,
-    PerplexityScorer,
     percentile_keep,
     plant_noise,
     train_classifier,
 )
 from hibari.data.sources import read_docs  # noqa: E402
+from hibari.evaluation.quality_scoring import CheckpointScorer  # noqa: E402
 
 
 def rule_removed(docs) -> np.ndarray:
@@ -99,9 +100,9 @@ def main(argv=None) -> int:
     if tokenizer is None:
         from hibari.data.tokenizer import recorded_tokenizer
         tokenizer = (recorded_tokenizer(a.checkpoint) or {}).get("path")
-    scorer = PerplexityScorer.from_checkpoint(a.checkpoint, tokenizer, max_tokens=256)
+    scorer = CheckpointScorer()(a.checkpoint, tokenizer, 256)
     t = time.time()
-    bpb = scorer.bits_per_byte(texts)
+    bpb = scorer(texts)
     ppl_s = time.time() - t
 
     rules = rule_removed(evaluated)

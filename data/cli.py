@@ -14,15 +14,21 @@
 pipeline / prepare into an existing folder reuse each stage whose recorded fingerprint (inputs
 and settings) still matches and redo the others with everything after them; --resume-only fails
 instead, naming the stage and what changed. One run at a time per output folder (a lock).
+The perplexity filter's language model comes from the `hibari data` command (hibari/data_cli.py,
+`hibari.evaluation.quality_scoring`): data/ itself knows no models.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from hibari.base.errors import UsageError
 from hibari.data.sources import SourceStats, read_docs, write_jsonl
+
+if TYPE_CHECKING:
+    from hibari.data.quality import PerplexityScoring
 
 
 def _inputs(p: argparse.ArgumentParser):
@@ -141,9 +147,9 @@ def _reuse_args(p: argparse.ArgumentParser):
                         "no read), content = + a hash of the bytes (reads every input on every run)")
 
 
-def _run_prepare(cfg):
+def _run_prepare(cfg, perplexity_scorer=None):
     from hibari.data.pipeline import prepare, summary
-    print(summary(prepare(cfg)), end="")
+    print(summary(prepare(cfg, perplexity_scorer)), end="")
 
 
 def cmd_pipeline(a):
@@ -152,7 +158,7 @@ def cmd_pipeline(a):
                                languages=tuple(a.languages.split(",")), wordlist=a.wordlist,
                                dedup=_dedup_config(a), processes=a.processes, tokenizer_vocab_size=a.vocab_size,
                                seq_len=a.seq_len, pack_method=a.method, resume_only=a.resume_only,
-                               input_fingerprint=a.fingerprint or "stat"))
+                               input_fingerprint=a.fingerprint or "stat"), a.perplexity_scorer)
 
 
 def load_prepare_config(spec: str, strict: bool = False):
@@ -190,7 +196,7 @@ def prepare_config_from_args(a):
 
 def cmd_prepare(a):
     """`--config path.py[:arg]`: a file whose `get_config(arg)` returns fields of PrepareConfig."""
-    _run_prepare(prepare_config_from_args(a))
+    _run_prepare(prepare_config_from_args(a), a.perplexity_scorer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,8 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def data_main(argv: list[str]) -> int:
+def data_main(argv: list[str], perplexity_scorer: PerplexityScoring | None = None) -> int:
+    """`hibari data ...`; `perplexity_scorer` scores documents for the quality stage's perplexity
+    filter (data/ knows no models: the `hibari data` command, hibari/data_cli.py, passes
+    `hibari.evaluation.quality_scoring.CheckpointScorer()`)."""
     args = build_parser().parse_args(argv)
+    args.perplexity_scorer = perplexity_scorer
     if getattr(args, "seq_len", None) and args.stage == "pipeline" and not args.vocab_size:
         raise UsageError("--seq-len needs --vocab-size (packing uses the tokenizer the pipeline trains)")
     args.fn(args)

@@ -1,7 +1,8 @@
 """End to end: sources -> clean -> filter (per input shard) -> [quality] -> dedup -> [tokenizer] -> [pack].
 
 Writes under `out/`: `filtered/<shard>.jsonl.gz` (+ `.stats.json`), with the optional model-based
-quality stage (`quality_classifier*` / `perplexity_*` fields, data/quality.py) `quality/<shard>.jsonl.gz`
+quality stage (`quality_classifier*` / `perplexity_*` fields, data/quality.py; the perplexity filter scores
+with the language model the caller passes as `prepare(cfg, perplexity_scorer=...)`) `quality/<shard>.jsonl.gz`
 (+ `quality/stage.json`, `quality/classifier.npz` when trained in-process), `corpus.jsonl.gz` (deduplicated,
 with `corpus.jsonl.gz.removed.jsonl`), optionally `tokenizer.model`, `packed/` (training documents)
 and `packed-heldout/` (held-out documents), and `report.json` + `summary.txt`.
@@ -52,7 +53,7 @@ from hibari.data.dedup import NearDedupConfig, dedup_files
 from hibari.data.filters import FilterStats, default_filters, filter_docs
 from hibari.data.quality import (
     ClassifierConfig,
-    PerplexityScorer,
+    PerplexityScoring,
     QualityClassifier,
     percentile_keep,
     plant_noise,
@@ -337,7 +338,8 @@ def _tree_fingerprint(path: str) -> str:
     return json_digest([os.path.abspath(path), sorted(entries)])[:16]
 
 
-def _plan_quality(cfg: PrepareConfig, filters: list[Step]) -> Step:
+def _plan_quality(cfg: PrepareConfig, filters: list[Step], perplexity_scorer: PerplexityScoring | None
+                  ) -> Step:
     inputs, params = {}, {"quality_classifier_threshold": cfg.quality_classifier_threshold}
     if cfg.quality_classifier:
         inputs[cfg.quality_classifier] = file_fingerprint(cfg.quality_classifier, "content")
@@ -347,11 +349,10 @@ def _plan_quality(cfg: PrepareConfig, filters: list[Step]) -> Step:
         params.update({"quality_classifier_seed": cfg.quality_classifier_seed,
                        "quality_classifier_other": "files" if cfg.quality_classifier_other else "planted noise"})
     if cfg.perplexity_checkpoint:
-        from hibari.model.params_io import resolve_checkpoint
-        _, where, _ = resolve_checkpoint(cfg.perplexity_checkpoint)
+        where = perplexity_scorer.weights_path(cfg.perplexity_checkpoint)
         tok = _perplexity_tokenizer(cfg)
         inputs[tok] = file_fingerprint(tok, "content")
-        params.update({"perplexity_checkpoint": _tree_fingerprint(str(where)),
+        params.update({"perplexity_checkpoint": _tree_fingerprint(where),
                        "perplexity_keep": cfg.perplexity_keep, "perplexity_max_tokens": cfg.perplexity_max_tokens})
     return Step("quality", os.path.join(cfg.out, "quality"), stage_fingerprint(
         "quality", inputs=inputs, params=params,
@@ -411,16 +412,18 @@ def _batches(items, size: int):
         yield batch
 
 
-def _quality_stage(cfg: PrepareConfig, filters: list[Step], step: Step) -> dict:
-    """Score every filtered document (classifier P(reference); bits/byte of those it keeps), find
-    each language's perplexity cut over all shards, then write `quality/<shard>` with the kept
-    documents (scores in meta `quality_p` / `bits_per_byte`). Returns the stage's report."""
+def _quality_stage(cfg: PrepareConfig, filters: list[Step], step: Step,
+                   perplexity_scorer: PerplexityScoring | None) -> dict:
+    """Score every filtered document (classifier P(reference); bits/byte of those it keeps, by
+    `perplexity_scorer`), find each language's perplexity cut over all shards, then write
+    `quality/<shard>` with the kept documents (scores in meta `quality_p` / `bits_per_byte`).
+    Returns the stage's report."""
     os.makedirs(step.output, exist_ok=True)
     clf, clf_info = _quality_classifier(cfg)
     scorer = None
     if cfg.perplexity_checkpoint:
-        scorer = PerplexityScorer.from_checkpoint(cfg.perplexity_checkpoint, _perplexity_tokenizer(cfg),
-                                                  max_tokens=cfg.perplexity_max_tokens)
+        scorer = perplexity_scorer(cfg.perplexity_checkpoint, _perplexity_tokenizer(cfg),
+                                   cfg.perplexity_max_tokens)
     probs, bpb, langs = [], [], []  # pass 1: scores, one entry per filtered document
     for s in filters:
         for batch in _batches(read_docs(s.output), 256):
@@ -430,7 +433,7 @@ def _quality_stage(cfg: PrepareConfig, filters: list[Step], step: Step) -> dict:
             b = np.full(len(batch), np.nan)
             keep = p >= cfg.quality_classifier_threshold
             if scorer is not None and keep.any():
-                b[keep] = scorer.bits_per_byte([t for t, k in zip(texts, keep) if k])
+                b[keep] = scorer([t for t, k in zip(texts, keep) if k])
             bpb.append(b)
             langs += [d["meta"].get("lang", "?") for d in batch]
     probs = np.concatenate(probs) if probs else np.zeros(0)
@@ -563,7 +566,8 @@ def _plan_rest(cfg: PrepareConfig, filters: list[Step], quality: Step | None = N
     return steps
 
 
-def _plan(cfg: PrepareConfig, paths: list[str], words: list[str]) -> tuple[list[Step], dict[str, Step]]:
+def _plan(cfg: PrepareConfig, paths: list[str], words: list[str],
+          perplexity_scorer: PerplexityScoring | None = None) -> tuple[list[Step], dict[str, Step]]:
     """Every stage output with the fingerprint it needs and its status (new / reused / rerun),
     from the inputs, the settings and what the outputs recorded: found before anything is
     written, so `resume_only` fails before any change."""
@@ -572,7 +576,7 @@ def _plan(cfg: PrepareConfig, paths: list[str], words: list[str]) -> tuple[list[
         _decide(step, *_sidecar(step.output, step.output + ".stats.json"), cfg)
     quality = None
     if quality_enabled(cfg):
-        quality = _plan_quality(cfg, filters)
+        quality = _plan_quality(cfg, filters, perplexity_scorer)
         _decide(quality, *_quality_sidecar(cfg, filters), cfg)
     steps = _plan_rest(cfg, filters, quality)
     for name in ("dedup", "tokenizer"):
@@ -628,7 +632,11 @@ def _chain(first, rest):
     yield from rest
 
 
-def prepare(cfg: PrepareConfig) -> dict:
+def prepare(cfg: PrepareConfig, perplexity_scorer: PerplexityScoring | None = None) -> dict:
+    """Run the stages of `cfg` (see the module docstring) and return the report. The perplexity
+    filter (`cfg.perplexity_checkpoint`) scores documents with `perplexity_scorer`, a language
+    model the caller gives (data/ knows no models): `hibari data prepare` passes
+    `hibari.evaluation.quality_scoring.CheckpointScorer()`."""
     if cfg.heldout_every < 2:
         raise UsageError(f"PrepareConfig.heldout_every={cfg.heldout_every}: must be >= 2 "
                          "(one document in heldout_every is held out)")
@@ -639,6 +647,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise UsageError(f"PrepareConfig.input_fingerprint={cfg.input_fingerprint!r}: choose one of "
                          f"{FINGERPRINT_MODES}")
     check_quality_config(cfg)
+    if cfg.perplexity_checkpoint and perplexity_scorer is None:
+        raise UsageError("PrepareConfig.perplexity_checkpoint is set but no perplexity scorer was given: the "
+                         "perplexity filter needs the `hibari data prepare` command (or, from Python, prepare(cfg, "
+                         "perplexity_scorer=hibari.evaluation.quality_scoring.CheckpointScorer()))")
     paths = expand_paths(cfg.inputs)
     for path in paths:
         if os.path.getsize(path) == 0:
@@ -648,11 +660,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         with open(cfg.wordlist, encoding="utf-8") as f:
             words = [w.strip() for w in f if w.strip() and not w.startswith("#")]
     with DirLock(cfg.out, what="output folder"):
-        return _prepare_locked(cfg, paths, words)
+        return _prepare_locked(cfg, paths, words, perplexity_scorer)
 
 
-def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str]) -> dict:
-    filters, steps = _plan(cfg, paths, words)  # resume_only: fails here, before anything is written
+def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str],
+                    perplexity_scorer: PerplexityScoring | None) -> dict:
+    filters, steps = _plan(cfg, paths, words, perplexity_scorer)  # resume_only: fails here, before anything is written
     os.makedirs(os.path.join(cfg.out, "filtered"), exist_ok=True)
     shard_stats = []
     shards = progress_bar("clean+filter", len(filters), unit=" shards")
@@ -676,7 +689,7 @@ def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str]) -> d
             with open(os.path.join(quality.output, "stage.json")) as f:
                 quality_report = json.load(f)["quality"]
         else:
-            quality_report = _quality_stage(cfg, filters, quality)
+            quality_report = _quality_stage(cfg, filters, quality, perplexity_scorer)
         dedup_inputs = _quality_outputs(cfg, filters)
         dedup_keys = [f"{quality.fingerprint['digest']}-{i}" for i in range(len(filters))]
 

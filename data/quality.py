@@ -9,9 +9,11 @@ low-quality text the two are measured on (bench/quality_filters.py).
 - `train_classifier(reference, other, cfg)`: logistic regression (minibatch Adam, classes weighted
   equally, deterministic by `cfg.seed`) of P(reference | document); `QualityClassifier.save/load`
   keep weights and hyperparameters in one small `.npz` whose bytes depend only on them.
-- `PerplexityScorer`: bits per UTF-8 byte of each document's first `max_tokens` tokens under a
-  hibari model (`hibari.model` only) and a SentencePiece tokenizer; `percentile_keep` keeps, per
-  language, the given share of documents with the lowest bits/byte.
+- `PerplexityScoring`: what the perplexity filter needs from a language model, given by the
+  caller (data/ knows no models: `hibari data prepare` passes
+  `hibari.evaluation.quality_scoring.CheckpointScorer`): per-document bits per UTF-8 byte of each
+  document's first tokens; `percentile_keep` keeps, per language, the given share of documents
+  with the lowest bits/byte.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import json
 import math
 import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -276,63 +278,23 @@ def percentile_keep(scores: Sequence[float], langs: Sequence[str], keep: float) 
     return mask
 
 
-class PerplexityScorer:
-    """Bits per UTF-8 byte of documents under a hibari model: each document is [bos] + its first
-    `max_tokens - 1` tokens, scored in fixed-shape batches (one compilation)."""
+BitsPerByte = Callable[[Sequence[str]], np.ndarray]
+"""Scores a batch of documents: bits per UTF-8 byte of each, float64 [n] (lower: more typical)."""
 
-    def __init__(self, cfg, params, tokenizer, max_tokens: int = 256, batch_size: int = 16):
-        self.cfg, self.params, self.sp = cfg, params, tokenizer
-        self.max_tokens = min(max_tokens, cfg.max_seq_len)
-        self.batch_size = batch_size
-        if tokenizer.get_piece_size() > cfg.vocab_size:
-            raise UsageError(f"perplexity tokenizer has {tokenizer.get_piece_size()} pieces but the model's "
-                             f"vocab_size is {cfg.vocab_size}; use the tokenizer the model was trained with")
-        self._fn = None
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str, tokenizer: str, **kw) -> "PerplexityScorer":
-        from hibari.data.tokenizer import load_tokenizer
-        from hibari.model.params_io import load_params
-        cfg, params = load_params(checkpoint)
-        return cls(cfg, params, load_tokenizer(tokenizer), **kw)
+class PerplexityScoring(Protocol):
+    """A language model for the perplexity filter, given to `prepare(cfg, perplexity_scorer=...)`
+    (`hibari.evaluation.quality_scoring.CheckpointScorer` is the one `hibari data prepare` uses)."""
 
-    def _batch_nll(self):
-        if self._fn is None:
-            import jax
-            import jax.numpy as jnp
+    def weights_path(self, checkpoint: str) -> str:
+        """The folder holding the weights `checkpoint` names: its files' sizes and mtimes are
+        part of the quality stage's fingerprint."""
+        ...
 
-            from hibari.model.logprobs import next_token_targets, token_log_probs
-            from hibari.model.transformer import apply
-            cfg = self.cfg
-
-            @jax.jit
-            def nll(params, tokens, segment_ids):
-                logits = apply(cfg, params, tokens, segment_ids)
-                targets, weights = next_token_targets({"tokens": tokens, "segment_ids": segment_ids})
-                lp, _ = token_log_probs(logits, targets)
-                return -(lp * weights).sum(axis=1) / jnp.log(2.0)
-            self._fn = nll
-        return self._fn
-
-    def bits_per_byte(self, texts: Iterable[str]) -> np.ndarray:
-        texts = list(texts)
-        out = np.zeros(len(texts))
-        nll = self._batch_nll()
-        bos, T, B = self.sp.bos_id(), self.max_tokens, self.batch_size
-        for s in range(0, len(texts), B):
-            chunk = texts[s:s + B]
-            tokens = np.zeros((B, T), np.int32)
-            seg = np.zeros((B, T), np.int32)
-            nbytes = np.ones(B)
-            for r, text in enumerate(chunk):
-                ids = self.sp.encode(text)
-                scored = ids[:T - 1]
-                row = [bos] + scored
-                tokens[r, :len(row)], seg[r, :len(row)] = row, 1
-                nbytes[r] = max(1, len((text if len(scored) == len(ids) else self.sp.decode(scored)).encode()))
-            bits = np.asarray(nll(self.params, tokens, seg))
-            out[s:s + len(chunk)] = bits[:len(chunk)] / nbytes[:len(chunk)]
-        return out
+    def __call__(self, checkpoint: str, tokenizer: str, max_tokens: int) -> BitsPerByte:
+        """The model of `checkpoint` with `tokenizer`, scoring each document's first
+        `max_tokens` tokens (the start token included)."""
+        ...
 
 
 # ------------------------------------------------------------------ planted noise

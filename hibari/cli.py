@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("hibari.train.cli:pretrain_main", "pretrain a model from a config (resumes from its workdir)"),
     "sweep": ("hibari.sweep_cli:sweep_main", "run a sweep of pretraining runs (grid / IsoFLOP), results table, ablation report"),
     "scaling": ("hibari.evaluation.scaling.cli:scaling_main", "fit scaling laws (Kaplan, Chinchilla 1-3) to sweep results"),
-    "data": ("hibari.data.cli:data_main", "corpus cleaning, filtering, dedup, tokenizer, packing"),
+    "data": ("hibari.data_cli:data_main", "corpus cleaning, filtering, dedup, tokenizer, packing"),
     "eval": ("hibari.evaluation.cli:eval_main", "evaluate a checkpoint on tasks (multiple choice, generation, perplexity, pass@k)"),
     "generate": ("hibari.evaluation.cli:generate_main", "complete prompts with a checkpoint (KV-cache decoding)"),
     "prune": ("hibari.evaluation.prune_cli:prune_main", "prune a checkpoint's linear layers: Wanda (activation-aware, calibrated on text or a task), magnitude or random -> a checkpoint every command loads"),

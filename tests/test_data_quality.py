@@ -1,6 +1,7 @@
 """Model-based quality filters (data/quality.py): feature hashing against a brute-force n-gram
-count, the classifier on planted noise, determinism, the per-language perplexity percentile, and
-the quality stage of `hibari data prepare` (counts by reason, reruns only from that stage)."""
+count, the classifier on planted noise, determinism, the per-language perplexity percentile, the
+perplexity scorer (evaluation/quality_scoring.py) against an unbatched forward pass, and the
+quality stage of `hibari data prepare` (counts by reason, reruns only from that stage)."""
 import dataclasses
 import json
 import math
@@ -18,7 +19,6 @@ from hibari.data.quality import (
     NOISE_KINDS,
     ClassifierConfig,
     HashConfig,
-    PerplexityScorer,
     QualityClassifier,
     hashed_counts,
     ngram_hash,
@@ -27,6 +27,7 @@ from hibari.data.quality import (
     train_classifier,
 )
 from hibari.data.sources import read_docs
+from hibari.evaluation.quality_scoring import CheckpointScorer
 
 CORPUS = str(CORPUS_DIR)
 
@@ -131,19 +132,27 @@ def tiny_lm(tmp_path_factory):
 
 
 def test_perplexity_scorer_is_bits_per_byte_of_the_model(tiny_lm):
-    """Bits/byte against a per-document forward pass without padding or batching."""
+    """Bits/byte of [BOS] + the first max_tokens - 1 tokens against a per-document forward pass
+    without padding or batching (and with the data room's SentencePiece loader)."""
+    from hibari.data.tokenizer import load_tokenizer
+    from hibari.model.params_io import load_params
     from hibari.model.transformer import apply
-    scorer = PerplexityScorer.from_checkpoint(str(tiny_lm[0]), str(tiny_lm[1]), max_tokens=32, batch_size=4)
-    texts = ["short text", corpus("en", 50)[0]["text"], corpus("ja", 100)[0]["text"], "x"]
-    got = scorer.bits_per_byte(texts)
+    score = CheckpointScorer(batch_size=4)(str(tiny_lm[0]), str(tiny_lm[1]), 32)
+    cfg, params = load_params(tiny_lm[0])
+    sp = load_tokenizer(str(tiny_lm[1]))
+    texts = ["short text", corpus("en", 50)[0]["text"], corpus("ja", 100)[0]["text"], "x", "",
+             corpus("en", 50)[1]["text"][:60]]
+    got = score(texts)
+    assert got.dtype == np.float64 and got.shape == (len(texts),)
     for text, g in zip(texts, got):
-        ids = scorer.sp.encode(text)[:31]
-        row = np.array([[scorer.sp.bos_id()] + ids], np.int32)
-        logits = np.asarray(apply(scorer.cfg, scorer.params, row), np.float64)[0]
+        ids = sp.encode(text)[:31]
+        row = np.array([[sp.bos_id()] + ids], np.int32)
+        logits = np.asarray(apply(cfg, params, row), np.float64)[0]
         log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll = -sum(logits[t, row[0, t + 1]] - log_z[t] for t in range(len(ids)))
-        nbytes = len((text if len(ids) == len(scorer.sp.encode(text)) else scorer.sp.decode(ids)).encode())
-        assert g == pytest.approx(nll / math.log(2) / nbytes, rel=1e-4)
+        nbytes = len((text if len(ids) == len(sp.encode(text)) else sp.decode(ids)).encode())
+        assert g == pytest.approx(nll / math.log(2) / max(nbytes, 1), rel=1e-4, abs=1e-12)
+    assert got[4] == 0.0  # an empty document: nothing predicted
 
 
 def write_jsonl(path, docs):
@@ -204,8 +213,11 @@ def get_config(arg):
     from hibari.data.cli import load_prepare_config
     from hibari.data.pipeline import StageChanged, prepare
     cfg.write_text(template.replace("THRESHOLD", "0.7"))
+    resume = dataclasses.replace(load_prepare_config(f"{cfg}:{out}"), resume_only=True)
     with pytest.raises(StageChanged, match="quality stage.*quality_classifier_threshold 0.6 -> 0.7"):
-        prepare(dataclasses.replace(load_prepare_config(f"{cfg}:{out}"), resume_only=True))
+        prepare(resume, perplexity_scorer=CheckpointScorer())
+    with pytest.raises(UsageError, match="perplexity filter needs the `hibari data prepare` command"):
+        prepare(resume)  # data/ has no model of its own
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -214,6 +226,7 @@ def get_config(arg):
     ({"quality_classifier_other": ["a"]}, "quality_classifier_other is set without"),
     ({"quality_classifier_reference": "ref.jsonl"}, "PrepareConfig.quality_classifier_reference='ref.jsonl'"),
     ({"quality_classifier": "nowhere.npz"}, "PrepareConfig.quality_classifier='nowhere.npz' does not exist"),
+    ({"perplexity_checkpoint": CORPUS}, "no perplexity scorer was given: the perplexity filter needs"),
 ])
 def test_quality_config_errors_are_one_line_and_name_the_field(tmp_path, fields, match):
     from hibari.base.errors import UserError
