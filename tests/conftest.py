@@ -65,3 +65,23 @@ def bpe():
         vocab_size=400, special_tokens=list(BPE_SPECIALS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
+
+
+def add_bpe_tokenizer(writer, bpe, *, model: str = "gpt2", add_bos: bool | None = None) -> dict:
+    """Write the byte-level BPE tokenizer's GGUF metadata (token list, types, merges, BOS <s>,
+    EOS </s>, add_bos when given) into a gguf.GGUFWriter; returns the vocabulary."""
+    import json
+    vocab = bpe.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m)
+              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in BPE_SPECIALS else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    return vocab

@@ -11,6 +11,7 @@ import json
 import gguf
 import numpy as np
 import pytest
+from conftest import add_bpe_tokenizer
 from tokenizers import Tokenizer, processors
 
 from hibari.data import CORPUS_DIR
@@ -87,26 +88,14 @@ def test_prefix_override_and_its_errors(bpe, tmp_path):
 
 
 def _write_gguf(bpe, path, add_bos, model="gpt2"):
-    vocab = bpe.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m)
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model(model)
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<s>"])
-    w.add_eos_token_id(vocab["</s>"])
-    if add_bos is not None:
-        w.add_add_bos_token(add_bos)
+    vocab = add_bpe_tokenizer(w, bpe, model=model, add_bos=add_bos)
     w.add_block_count(1)
     w.add_context_length(64)
     w.add_embedding_length(8)
     w.add_feed_forward_length(16)
     w.add_head_count(2)
-    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.add_tensor("token_embd.weight", np.zeros((len(vocab), 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

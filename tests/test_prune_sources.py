@@ -10,6 +10,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
+from conftest import add_bpe_tokenizer
 from tokenizers import Tokenizer, processors
 
 from hibari.data import CORPUS_DIR
@@ -117,20 +118,8 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _write_gguf(bpe, cfg: ModelConfig, path: Path) -> None:
     """A tiny llama GGUF as llama.cpp writes one: HF-layout [out, in] weights (q/k rows
     permuted), F32, with the byte-level BPE tokenizer's metadata (gpt2 model, BOS added)."""
-    vocab = bpe.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    specials = {t.content for t in bpe.get_added_tokens_decoder().values()}
-    merges = [m if isinstance(m, str) else " ".join(m)
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in specials else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<s>"])
-    w.add_eos_token_id(vocab["</s>"])
-    w.add_add_bos_token(True)
+    add_bpe_tokenizer(w, bpe, add_bos=True)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
