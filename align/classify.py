@@ -414,7 +414,8 @@ def build_classify(config: ml_collections.ConfigDict, workdir: str | Path | None
 
     task = Task(loss_fn=classify_loss_fn(cfg, config.loss.kind, pool), base_params=params,
                 param_axes=classifier_param_axes(cfg), make_loader=make_loader,
-                on_eval=on_eval, tokens_per_step=batch * config.data.seq_len)
+                on_eval=on_eval, tokens_per_step=batch * config.data.seq_len,
+                transformers={"transformer": cfg})
     return task, finish
 
 

@@ -53,6 +53,7 @@ from hibari.model import ModelConfig, hidden, param_axes, unembed
 from hibari.model.decode import left_pad, sample_tokens
 from hibari.model.logprobs import token_log_probs
 from hibari.train.loop import Task, TrainConfigError
+from hibari.train.lora import lora_config_of
 from hibari.train.sharding import batch_sharding, replicated, sharding_context
 from hibari.train.step import apply_gradients
 
@@ -140,6 +141,7 @@ class Spec(NamedTuple):
     missing_eos_penalty: float
     score_clip: float
     normalize_scores: bool
+    lora: Any = None  # hibari.train.lora.LoraView when config.lora trains the policy's adapters
 
 
 def response_hidden(cfg: ModelConfig, params, tokens, segment_ids, width: int, length: int):
@@ -173,6 +175,8 @@ def values_of(spec: Spec, params, h_policy, tokens, segment_ids):
 def rollout(spec: Spec, params, frozen, rng, batch, temperature):
     """Sample responses at `temperature` (a traced scalar, so held-out greedy decoding reuses
     the compiled function) and everything the update needs about them, [B, T] per token."""
+    if spec.lora is not None:  # the adapters on the frozen base; the reference is the base
+        params, frozen = spec.lora.params(params, frozen), spec.lora.task_frozen(frozen)
     _, sample_key, _ = jax.random.split(jax.random.wrap_key_data(rng), 3)
     prompt, prompt_seg, index = batch["tokens"], batch["segment_ids"], batch["index"]
     if spec.group_size > 1:
@@ -286,19 +290,27 @@ def update(spec: Spec, optimizer, mesh, rules, state, ro):
                        for e in range(spec.epochs)]).reshape(spec.epochs * spec.minibatches, size)
     loss_fn = (functools.partial(ppo_loss, spec) if spec.algorithm == "ppo"
                else functools.partial(grpo_loss, spec, kl_coef))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    task_loss = loss_fn
 
-    def minibatch(carry, idx):
+    def loss_fn(p, mb, key):  # with LoRA: gradients reach the adapters (and heads) only
+        return task_loss(p if spec.lora is None else spec.lora.params(p, state.frozen, key), mb)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    drop_keys = jax.random.split(jax.random.fold_in(shuffle_key, 1), len(order))
+
+    def minibatch(carry, xs):
         params, opt_state = carry
+        idx, key = xs
         mb = {k: jax.lax.with_sharding_constraint(
             v[idx], batch_sharding(mesh, rules, v.ndim)) for k, v in data.items()}
-        (loss, stats), grads = grad_fn(params, mb)
+        (loss, stats), grads = grad_fn(params, mb, key)
         params, opt_state, grad_norm, finite = apply_gradients(optimizer, params, opt_state,
                                                                loss, grads)
         stats = dict(stats, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
         return (params, opt_state), stats
 
-    (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), order)
+    (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state),
+                                              (order, drop_keys))
     metrics = {k: v.mean() for k, v in stats.items() if k != "finite"}
     metrics["finite"] = (stats["finite"].min() > 0).astype(jnp.int32)
 
@@ -430,8 +442,9 @@ class Runner:
 
     # -- Task hooks -----------------------------------------------------------------------
 
-    def make_step(self, *, optimizer, schedule, mesh, rules, state_shardings):
+    def make_step(self, *, optimizer, schedule, mesh, rules, state_shardings, lora=None):
         del schedule
+        self.spec = self.spec._replace(lora=lora)
         self.optimizer, self.mesh, self.rules = optimizer, mesh, rules
         self.state_shardings = state_shardings
         return self.step
@@ -613,7 +626,9 @@ def rl_task(config: ml_collections.ConfigDict, workdir: str | Path, algorithm: s
                             else reward_model.init_reward_params(
                                 cfg, key, jax.tree.map(jnp.copy, policy)))
         axes["critic"] = reward_model.reward_param_axes(critic_cfg)
-    frozen: dict[str, Any] = {"ref": jax.tree.map(jnp.copy, policy)}
+    # with LoRA the reference is the frozen base itself (Task.frozen_from_start), no copy
+    frozen: dict[str, Any] = {"ref": policy if lora_config_of(config) else
+                              jax.tree.map(jnp.copy, policy)}
     frozen_axes: dict[str, Any] = {"ref": param_axes(cfg)}
     if reward_params is not None:
         frozen["reward"] = reward_params
@@ -629,7 +644,8 @@ def rl_task(config: ml_collections.ConfigDict, workdir: str | Path, algorithm: s
                 frozen_axes=frozen_axes, make_loader=make_loader, on_eval=runner.on_eval,
                 make_step=runner.make_step, updates_per_step=spec.epochs * spec.minibatches,
                 tokens_per_step=rollout_rows * (prompt_len + max_new),
-                init_extra=lambda: {"kl_coef": jnp.float32(beta)})
+                init_extra=lambda: {"kl_coef": jnp.float32(beta)},
+                transformers={"policy": cfg}, frozen_from_start={"ref": "policy"})
 
 
 def plot_run(workdir: str | Path, title: str = "") -> Path | None:

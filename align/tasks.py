@@ -31,6 +31,7 @@ from hibari.align.templates import get_template
 from hibari.base.config_files import resolve_path
 from hibari.model import ModelConfig, init, param_axes
 from hibari.train.loop import Task, TrainConfigError, model_config
+from hibari.train.lora import lora_config_of
 from hibari.train.sharding import logical_shardings, make_mesh, normalize_rules
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,9 @@ def preference_task(config: ml_collections.ConfigDict, workdir: str | os.PathLik
         cfg, config.loss, config.beta, config.label_smoothing, config.kto.desirable_weight,
         config.kto.undesirable_weight, config.logits_chunk)
     return Task(loss_fn=loss_fn, base_params=params, make_loader=make_loader, on_eval=on_eval,
-                frozen_params=_copy(params) if config.reference == "live" else None,
+                frozen_params=(None if config.reference != "live" else
+                               params if lora_config_of(config) else _copy(params)),
+                frozen_from_start={"": ""} if config.reference == "live" else None,
                 data_counts=counts)
 
 
@@ -373,4 +376,5 @@ def reward_task(config: ml_collections.ConfigDict) -> Task:
         return {"heldout_accuracy": hits / max(total, 1.0)}
 
     return Task(loss_fn=loss_fn, base_params=params, param_axes=reward.reward_param_axes(cfg),
-                make_loader=make_loader, on_eval=on_eval, data_counts=counts)
+                make_loader=make_loader, on_eval=on_eval, data_counts=counts,
+                transformers={"transformer": cfg})

@@ -54,7 +54,25 @@ def base_config(name: str, steps: int, *, shape: dict, data: dict, lr: float,
     c.checkpoint_every = steps_ref // 5  # 0 = only the final step
     c.keep_checkpoints = 3  # newest checkpoints kept
     c.async_checkpoint = True  # write checkpoints in the background
+
+    # run dir / step dir / params export / HF dir to start from ("" = a fresh model from the
+    # seed); pretraining from one is continued pretraining
+    c.init_from = ""
+    c.lora = lora_config()
     return c
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """config.lora: train low-rank adapters on the frozen init_from model instead of every
+    weight (hibari.train.lora; docs/lora.md). Off by default."""
+    return ml_collections.ConfigDict(dict(
+        enabled=False,
+        rank=8,
+        alpha=16.0,  # the update is scaled by alpha / rank (PEFT's lora_alpha)
+        dropout=0.0,  # on the adapters' input while training
+        targets=("attn/q", "attn/v"),  # attn/q|k|v|o, mlp/gate|up|down; fnmatch patterns
+        init="kaiming",  # A's init: kaiming (PEFT's default) | gaussian; B starts at 0
+    ))
 
 
 def loss_config() -> ml_collections.ConfigDict:
@@ -63,7 +81,11 @@ def loss_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(token_selection=ml_collections.ConfigDict(dict(
         enabled=False,  # train only on the tokens of highest excess loss over a reference model
         keep_ratio=0.6,  # in (0, 1]: each batch keeps its ⌈keep_ratio·n⌉ tokens of most excess
-        reference="",  # same-vocab model held beside it: run/step dir, params export, HF, .gguf
+        reference="",  # same-vocab model: run/step dir, params export, HF dir, .gguf file
+        # live: the reference is held sharded beside the model and scores each batch; cached:
+        # it scores every packed row once into `cache`, then training reads the losses
+        mode="live",
+        cache="",  # mode=cached: the cache directory; "" = <workdir>/reference_token_losses
     ))))
 
 
@@ -78,8 +100,7 @@ def align_config(name: str, steps: int, seq_len: int = 512, batch_size: int = 8,
         data=dict(tokenizer="align/assets/seed_sp.model",
                   train_path="align/assets/seed_sft.jsonl", eval_path="", eval_fraction=0.1,
                   template="alpaca_en", seq_len=seq_len, batch_size=batch_size))
-    c.init_from = ""  # run dir / step dir / params export / HF dir; "" = fresh tiny model
-    return c
+    return c  # init_from "" = a fresh tiny model
 
 
 RL_VARIANTS = ("tiny", "sft")

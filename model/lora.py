@@ -22,11 +22,13 @@ logical axes follow its base kernel's (`lora_axes`): a: (*in_axes, "lora_rank"),
 *out_axes), with "layers" in front when scanned. "lora_rank" is in no axis-rule table, so flax
 maps it to no mesh axis (replicated): A shards like the kernel's input, B like its output.
 
-The adapter forward is the model's own (`Transformer.__call__` / `.hidden`): the adapters are
-attached to the parameter tree as extra leaves of each targeted Dense ("lora_a", "lora_b" and,
-with dropout, a per-layer "lora_key"), so nn.scan slices them per layer like the kernels, and a
-`flax.linen.intercept_methods` interceptor adds the low-rank term to each Dense that carries
-them. Nothing of the Transformer is re-implemented; remat and scan apply unchanged.
+The adapter forward is the model's own (`Transformer.__call__` / `.hidden`): `attach` adds the
+adapters to the parameter tree as extra leaves of each targeted Dense ("lora_a", "lora_b" and,
+with dropout, a per-layer "lora_key" and "lora_dropout"), nn.scan slices them per layer like
+the kernels, and a Dense that carries them adds the low-rank term (`Dense._lora`). So any code
+that runs the model on a parameter tree (every task's loss, decoding, scoring) runs the
+adapter forward on an attached tree; remat and scan apply unchanged. Training with LoRA
+(`config.lora`) is `hibari.train.lora`.
 """
 from __future__ import annotations
 
@@ -40,14 +42,13 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hibari.base.errors import UsageError, UserError
 from hibari.model.config import ModelConfig
-from hibari.model.transformer import Dense, Transformer, param_axes, param_shapes
+from hibari.model.transformer import Transformer, param_axes, param_shapes
 
 LORA_RANK = "lora_rank"  # the logical axis name of the rank dimension (no mesh axis)
 BLOCK_MODULES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
@@ -289,50 +290,32 @@ def apply_lora(params, adapters, lora_cfg: LoraConfig):
 # ---------------------------------------------------------------------------------------------
 
 def attach(params, adapters, lora_cfg: LoraConfig, rng: jax.Array | None = None):
-    """`params` with each adapted Dense also holding "lora_a", "lora_b" (and, when
-    `lora_cfg.dropout` > 0 and `rng` is given, "lora_key": one dropout key per layer). The
-    tree `_forward` runs; differentiable in `adapters`."""
+    """`params` with each adapted Dense also holding "lora_a", "lora_b" (B times the scale)
+    and, when `lora_cfg.dropout` > 0 and `rng` is given, "lora_key" (one dropout key per
+    layer) and "lora_dropout" (the rate): a tree every forward of the model (`apply`,
+    `hidden`, a task's loss) runs as the adapter forward (`Dense._lora`). Differentiable in
+    `adapters`; no kernel is copied or changed."""
     _check_paths(params, adapters)
     use_dropout = rng is not None and lora_cfg.dropout > 0
     if use_dropout and not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng)  # a raw uint32 PRNGKey
     for i, (path, ab) in enumerate(_adapter_modules(adapters)):
-        extra = {"lora_a": ab["a"], "lora_b": ab["b"]}
+        extra = {"lora_a": ab["a"], "lora_b": ab["b"] * jnp.asarray(lora_cfg.scale,
+                                                                    ab["b"].dtype)}
         if use_dropout:
             kernel = _node(params, "/".join(path))["kernel"]
-            lead = ab["a"].ndim + ab["b"].ndim - 2 - kernel.ndim
+            lead = ab["a"].shape[:ab["a"].ndim + ab["b"].ndim - 2 - kernel.ndim]
             k = jax.random.fold_in(rng, i)
-            keys = jax.random.split(k, ab["a"].shape[0]) if lead else k
+            keys = jax.random.split(k, lead[0]) if lead else k
             extra["lora_key"] = jax.random.key_data(keys)
+            extra["lora_dropout"] = jnp.full(lead, lora_cfg.dropout, jnp.float32)
         params = _set(params, path, extra)
     return params
 
 
-def _interceptor(lora_cfg: LoraConfig):
-    def add_lora(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        module = context.module
-        if not (isinstance(module, Dense) and context.method_name == "__call__"
-                and module.has_variable("params", "lora_a")):
-            return y
-        x = args[0]
-        a = module.get_variable("params", "lora_a")
-        b = module.get_variable("params", "lora_b")
-        dtype = jnp.dtype(module.cfg.compute_dtype)
-        if module.has_variable("params", "lora_key") and lora_cfg.dropout > 0:
-            key = jax.random.wrap_key_data(module.get_variable("params", "lora_key"))
-            keep = jax.random.bernoulli(key, 1.0 - lora_cfg.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - lora_cfg.dropout), 0).astype(x.dtype)
-        h = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=module.n_in)
-        delta = jnp.tensordot(h, b.astype(dtype), axes=1)
-        return y + (delta * lora_cfg.scale).astype(y.dtype)
-    return add_lora
-
-
 def _forward(cfg, params, adapters, lora_cfg, rng, method, *args):
     tree = attach(params, adapters, lora_cfg, rng)
-    with nn.intercept_methods(_interceptor(lora_cfg)):
-        return Transformer(cfg).apply({"params": tree}, *args, method=method)
+    return Transformer(cfg).apply({"params": tree}, *args, method=method)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -421,3 +404,77 @@ def relayout(adapters, saved: ModelConfig, cfg: ModelConfig):
                 for i in range(cfg.n_layers)}
     layers = [adapters[f"layers_{i}"] for i in range(cfg.n_layers)]
     return {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run with config.lora: its checkpoints hold the trainable tree (adapters in place of
+# each adapted Transformer); lora.json names the frozen base of each
+# ---------------------------------------------------------------------------------------------
+
+LORA_RUN = "lora.json"
+
+
+def subtree(tree, path: str):
+    """tree at `path` ("a/b"; "" is the whole tree)."""
+    return _node(tree, path) if path else tree
+
+
+def replace_subtree(tree, path: str, value):
+    """A copy of `tree` with the node at `path` replaced by `value` ("" replaces the tree)."""
+    if not path:
+        return value
+    head, _, rest = path.partition("/")
+    return {**tree, head: replace_subtree(tree[head], rest, value)}
+
+
+def write_lora_record(run_dir: str | os.PathLike, lora_cfg: LoraConfig,
+                      bases: dict[str, tuple[str, ModelConfig]]) -> None:
+    """Record in `run_dir/lora.json` which subtrees of the run's parameters are adapters, the
+    LoRA config, and each one's base checkpoint and model config (`bases`: path -> (checkpoint,
+    cfg)), so `load_params` / `restore_run_params` can rebuild the merged model."""
+    from hibari.base.files import write_atomic
+    record = {"lora": lora_cfg.to_dict(),
+              "bases": {path: {"checkpoint": str(Path(ckpt).absolute()), "model": cfg.to_dict()}
+                        for path, (ckpt, cfg) in bases.items()}}
+    write_atomic(Path(run_dir) / LORA_RUN, json.dumps(record, indent=2) + "\n")
+
+
+def read_lora_record(run_dir: str | os.PathLike
+                     ) -> tuple[LoraConfig, dict[str, tuple[str, ModelConfig]]] | None:
+    """(lora_cfg, {path: (base checkpoint, base cfg)}) of a LoRA training run; None for others."""
+    from hibari.model.params_io import CheckpointError
+    path = Path(run_dir) / LORA_RUN
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        lora_cfg = lora_config_from_dict(record["lora"], where=str(path))
+        bases = {p: (b["checkpoint"], ModelConfig.from_dict(b["model"], where=str(path)))
+                 for p, b in record["bases"].items()}
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the LoRA record ({type(e).__name__}: {e})"
+                              ) from e
+    return lora_cfg, bases
+
+
+def trainable_shapes(shapes, lora_cfg: LoraConfig, bases: dict[str, tuple[str, ModelConfig]]):
+    """The checkpointed tree of a LoRA run whose full parameter tree is `shapes`."""
+    for path, (_, cfg) in bases.items():
+        adapters = jax.eval_shape(lambda k, c=cfg: lora_params(c, lora_cfg, k),
+                                  jax.random.key(0))
+        shapes = replace_subtree(shapes, path, adapters)
+    return shapes
+
+
+def merge_run(trainable, lora_cfg: LoraConfig, bases: dict[str, tuple[str, ModelConfig]]):
+    """The full, merged parameter tree of a LoRA run's checkpointed `trainable` tree: each
+    base read back (`load_params`, LoRA runs included) and its adapters folded in."""
+    from hibari.model.params_io import CheckpointError, load_params
+    for path, (checkpoint, cfg) in bases.items():
+        base_cfg, base = load_params(checkpoint)
+        if param_shapes(base_cfg) != param_shapes(cfg):
+            raise CheckpointError(f"{checkpoint}: the LoRA run's base no longer matches the "
+                                  "model it was trained on (another model was saved there?)")
+        adapters = jax.device_put(subtree(trainable, path), jax.devices()[0])
+        trainable = replace_subtree(trainable, path, apply_lora(base, adapters, lora_cfg))
+    return trainable

@@ -4,8 +4,11 @@
     hibari lora export --checkpoint BASE --adapters ADAPTERS --out DIR    # PEFT files
                        [--hf-base HF_DIR]                                 # + the base for HF
     hibari lora import --checkpoint BASE --peft DIR --out ADAPTERS        # PEFT -> hibari
+    hibari lora export --checkpoint RUN --out DIR     # a LoRA training run (config.lora)
 
 BASE is any checkpoint `load_params` reads (params export, run, step or HF directory);
+With RUN, a run trained with config.lora, --adapters is not needed: the adapters are the
+run's newest good checkpoint and the base is the one its lora.json names.
 ADAPTERS is a hibari adapter export (`hibari.model.lora.save_adapters`: lora_config.json,
 base_model_config.json, adapters/). `merge` writes W + scale * A @ B into a params export that
 every command loads; tokenizer files lying in BASE's directory are copied beside it. `export`
@@ -31,10 +34,12 @@ def lora_parser() -> argparse.ArgumentParser:
 
     def common(q, adapters: bool = True):
         q.add_argument("--checkpoint", required=True,
-                       help="the base model (params export, run, step or HF directory)")
+                       help="the base model (params export, run, step or HF directory), or "
+                            "a LoRA training run (then --adapters is not needed)")
         if adapters:
-            q.add_argument("--adapters", required=True,
-                           help="hibari adapter export (lora_config.json + adapters/)")
+            q.add_argument("--adapters", default=None,
+                           help="hibari adapter export (lora_config.json + adapters/); "
+                                "default: the adapters of the LoRA run --checkpoint")
         q.add_argument("--out", required=True, help="directory to write (must not hold "
                        "the files written)")
 
@@ -70,11 +75,45 @@ def _refuse_existing(out: Path, names) -> None:
 
 
 def _base_and_adapters(args):
+    """(cfg, base params, lora_cfg, adapters, base path): --checkpoint + --adapters, or the
+    LoRA run --checkpoint (its lora.json's base; args.adapters names the run after this)."""
     from hibari.model.lora import load_adapters
     from hibari.model.params_io import load_params
+    if args.adapters is None:
+        return _run_adapters(args)
     cfg, params = load_params(args.checkpoint)
     lora_cfg, adapters = load_adapters(args.adapters, cfg)
-    return cfg, params, lora_cfg, adapters
+    return cfg, params, lora_cfg, adapters, args.checkpoint
+
+
+def _run_adapters(args):
+    from hibari.model.lora import read_lora_record, trainable_shapes
+    from hibari.model.params_io import (
+        load_params,
+        resolve_checkpoint,
+        restore_newest_good,
+        restore_verified,
+    )
+    from hibari.model.transformer import param_shapes
+    kind, where, _ = resolve_checkpoint(args.checkpoint)
+    run_dir = where.parent.parent.parent if kind == "step" else None
+    record = read_lora_record(run_dir) if run_dir is not None else None
+    if record is None:
+        raise UsageError(f"--checkpoint {args.checkpoint} is not a LoRA training run (no "
+                         "lora.json): pass --adapters DIR, the adapters to use on it")
+    lora_cfg, bases = record
+    if set(bases) != {""}:
+        raise UsageError(f"--checkpoint {args.checkpoint}: the run adapts {sorted(bases)} of a "
+                         "larger model (reward / RL); export and merge take language-model "
+                         "runs (pretrain, SFT, DPO)")
+    base_path, cfg = bases[""]
+    shapes = trainable_shapes(param_shapes(cfg), lora_cfg, bases)
+    adapters = (restore_newest_good(run_dir, shapes) if where.parent.parent ==
+                Path(args.checkpoint).absolute() / "checkpoints" else
+                restore_verified(where, shapes))
+    base_cfg, params = load_params(base_path)
+    args.adapters = args.checkpoint
+    return base_cfg, params, lora_cfg, adapters, base_path
 
 
 def _config_of(checkpoint: str):
@@ -93,14 +132,14 @@ def _merge(args) -> None:
     from hibari.model.params_io import save_params
     out = Path(args.out)
     _refuse_existing(out, ("params",))
-    cfg, params, lora_cfg, adapters = _base_and_adapters(args)
+    cfg, params, lora_cfg, adapters, base = _base_and_adapters(args)
     save_params(out, cfg, apply_lora(params, adapters, lora_cfg))
-    base_dir = Path(args.checkpoint)
+    base_dir = Path(base)
     copied = [n for n in TOKENIZER_FILES if (base_dir / n).is_file()]
     for name in copied:
         shutil.copyfile(base_dir / name, out / name)
     print(f"merged {args.adapters} (rank {lora_cfg.rank}, {', '.join(lora_cfg.modules)}) into "
-          f"{args.checkpoint} -> {out}" + (f" (with {', '.join(copied)})" if copied else ""))
+          f"{base} -> {out}" + (f" (with {', '.join(copied)})" if copied else ""))
 
 
 def _export(args) -> None:
@@ -110,8 +149,8 @@ def _export(args) -> None:
     _refuse_existing(out, (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     if args.hf_base:
         _refuse_existing(Path(args.hf_base), ("config.json", "model.safetensors"))
-    cfg, params, lora_cfg, adapters = _base_and_adapters(args)
-    base_name = args.base_name or str(Path(args.hf_base or args.checkpoint).absolute())
+    cfg, params, lora_cfg, adapters, base = _base_and_adapters(args)
+    base_name = args.base_name or str(Path(args.hf_base or base).absolute())
     if args.hf_base:
         export_hf(cfg, params, args.hf_base)
     export_peft(cfg, lora_cfg, adapters, out, base_name)

@@ -182,9 +182,23 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, A
             params = jax.device_put(params, shardings)
         return cfg, params
     run_dir = Path(path).absolute()
+    if kind == "step":
+        lora = _lora_run(where.parent.parent.parent)
+        if lora is not None:  # a LoRA run: its adapters folded into its base
+            from hibari.model.lora import merge_run, trainable_shapes
+            shapes = trainable_shapes(param_shapes(cfg), *lora)
+            tree = (restore_newest_good(run_dir, shapes) if where.parent.parent ==
+                    run_dir / "checkpoints" else restore_verified(where, shapes))
+            params = merge_run(tree, *lora)
+            return cfg, params if shardings is None else jax.device_put(params, shardings)
     if kind == "step" and where.parent.parent == run_dir / "checkpoints":
         return cfg, restore_newest_good(run_dir, param_shapes(cfg), shardings)
     return cfg, restore_verified(where, param_shapes(cfg), shardings)
+
+
+def _lora_run(run_dir: Path):
+    from hibari.model.lora import read_lora_record
+    return read_lora_record(run_dir)
 
 
 def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
@@ -198,9 +212,18 @@ def restore_run_params(run_dir: str | os.PathLike, shapes_of: Callable[[ModelCon
     (e.g. a transformer plus a head): the given step, or the newest one that verifies."""
     run_dir = Path(run_dir).absolute()
     cfg = model_config_of_run(run_dir)
+    shapes, lora = shapes_of(cfg), _lora_run(run_dir)
+    if lora is not None:  # a LoRA run: checkpoints hold adapters in place of each transformer
+        from hibari.model.lora import trainable_shapes
+        shapes = trainable_shapes(shapes, *lora)
     if step is not None:
-        return cfg, restore_verified(run_dir / "checkpoints" / str(step) / "params", shapes_of(cfg))
-    return cfg, restore_newest_good(run_dir, shapes_of(cfg))
+        tree = restore_verified(run_dir / "checkpoints" / str(step) / "params", shapes)
+    else:
+        tree = restore_newest_good(run_dir, shapes)
+    if lora is not None:
+        from hibari.model.lora import merge_run
+        tree = merge_run(tree, *lora)
+    return cfg, tree
 
 
 def saved_checksums(params_dir: str | os.PathLike) -> dict | None:

@@ -170,7 +170,23 @@ class Dense(nn.Module):
                                                                    out_axes),
                               tuple(self.features), param_dtype)
             y = y + bias.astype(dtype)
+        if self.has_variable("params", "lora_a"):  # adapters attached by hibari.model.lora
+            y = y + self._lora(x, dtype).astype(y.dtype)
         return y
+
+    def _lora(self, x, dtype):
+        """dropout(x) @ A @ B' (B' = scale * B, folded in by `hibari.model.lora.attach`):
+        LoRA's low-rank term, present only when the tree carries "lora_a" / "lora_b" (and,
+        while training with dropout, "lora_key" + "lora_dropout") beside this kernel."""
+        a = self.get_variable("params", "lora_a")
+        b = self.get_variable("params", "lora_b")
+        if self.has_variable("params", "lora_key"):
+            key = jax.random.wrap_key_data(self.get_variable("params", "lora_key"))
+            rate = self.get_variable("params", "lora_dropout")
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        h = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=self.n_in)
+        return jnp.tensordot(h, b.astype(dtype), axes=1)
 
 
 def _dense(cfg: ModelConfig, features, kernel_axes, *, n_in=1, bias: bool, name: str):

@@ -36,7 +36,9 @@ from hibari.base.files import write_atomic
 from hibari.base.progress import progress_bar
 from hibari.base.runlock import DirLock
 from hibari.model import ModelConfig, flops_per_token, init, param_axes
+from hibari.model.lora import write_lora_record
 from hibari.train.checkpoint import Checkpointer
+from hibari.train.lora import bases_record, lora_task
 from hibari.train.losses import lm_loss_fn
 from hibari.train.metrics import MetricsWriter, mfu
 from hibari.train.optim import make_optimizer
@@ -172,6 +174,30 @@ def packed_data_overrides(prepared_dir: str, prepare_flags: str = "") -> dict:
             "model": {"vocab_size": info["vocab_size"], "max_seq_len": info["seq_len"]}}
 
 
+def start_from_checkpoint(config: ml_collections.ConfigDict, task: Task) -> Task:
+    """Continued pretraining: a task that brings no parameters of its own starts from
+    config.init_from (any checkpoint `load_params` reads) when it is set; config.model becomes
+    the checkpoint's and its recorded tokenizer must be the data's."""
+    init_from = config.get("init_from")
+    if not init_from or task.base_params is not None or task.init_params is not None \
+            or task.make_step is not None:
+        return task
+    from hibari.data.tokenizer import TokenizerMismatch, recorded_tokenizer, tokenizer_record
+    from hibari.model.params_io import load_params
+    ours, theirs = tokenizer_record(config), recorded_tokenizer(init_from)
+    if ours is not None and theirs is not None and ours["sha256"] != theirs["sha256"]:
+        message = (f"config.init_from={init_from} was trained with tokenizer "
+                   f"{theirs.get('path')} but this run's data use {ours.get('path')}")
+        if not config.get("allow_tokenizer_mismatch", False):
+            raise TokenizerMismatch(f"{message}: continue pretraining on data encoded with "
+                                    "its tokenizer, or pass --allow-tokenizer-mismatch")
+        log.warning("%s (--allow-tokenizer-mismatch given: going on)", message)
+    cfg, params = load_params(init_from)
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(cfg.to_dict())
+    return dataclasses.replace(task, base_params=params)
+
+
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """A workdir's saved model config must equal the new one (other fields may change)."""
     path = workdir / "config.json"
@@ -258,8 +284,9 @@ class Task:
 
     A task whose step is more than one gradient step on a loss (RL: sample, score, several
     minibatch updates) gives `make_step(optimizer=, schedule=, mesh=, rules=,
-    state_shardings=) -> step_fn(state, batch) -> (state, metrics)` instead; metrics must hold
-    "loss" and "finite" like the generic step's. `updates_per_step` sizes the learning-rate
+    state_shardings=, lora=) -> step_fn(state, batch) -> (state, metrics)` instead (lora: the
+    LoraView under config.lora, else None); metrics must hold "loss" and "finite" like the
+    generic step's. `updates_per_step` sizes the learning-rate
     schedule (optimizer updates per loop step) and `init_extra` makes the state's `extra`
     (checkpointed with it).
     """
@@ -276,6 +303,16 @@ class Task:
     init_extra: Callable[[], Any] | None = None
     tokens_per_step: int | None = None  # for tokens_per_s (default: batch_size x seq_len)
     data_counts: dict | None = None  # records read / kept / dropped per split (summary, json)
+    eval_loss_fn: Callable | None = None  # the held-out loss when it differs (default loss_fn)
+    # LoRA (config.lora, hibari.train.lora): the Transformers of the parameter tree to adapt
+    # (path -> ModelConfig; default: the whole tree is one), frozen entries that are the
+    # starting point of an adapted path (frozen path -> params path, "" = the whole tree; they
+    # become the base itself), and each path's base checkpoint (default config.init_from)
+    transformers: dict | None = None
+    frozen_from_start: dict | None = None
+    lora_bases: dict | None = None
+    lora: Any = None  # the LoraView once the task trains adapters
+    export_params: Callable | None = None  # (params, frozen) -> the summary's full params
 
 
 @dataclasses.dataclass
@@ -312,8 +349,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None,
 
     `devices` (default: all) restricts the mesh, e.g. to compare 1 and 8 devices;
     `abstract=True` leaves the state as ShapeDtypeStructs (compile without allocating)."""
-    task = task or Task()
+    task = start_from_checkpoint(config, task or Task())
     cfg = validate_config(config, own_data=task.make_loader is not None)
+    if task.loss_fn is None and task.make_step is None:
+        task = dataclasses.replace(task, loss_fn=lm_loss_fn(cfg, config.z_loss,
+                                                            config.logits_chunk))
+    task = lora_task(task, config, cfg)
     mesh = make_mesh(config.mesh.to_dict(), devices)
     rules = normalize_rules(config.rules)
     divisor = batch_divisor(mesh, rules) * config.grad_accum
@@ -343,14 +384,14 @@ def build(config: ml_collections.ConfigDict, workdir: str | Path | None,
     if frozen is not None:
         abstract_state = abstract_state.replace(frozen=jax.eval_shape(lambda: frozen))
         state_sh = state_sh.replace(frozen=frozen_sh)
-    loss_fn = task.loss_fn or lm_loss_fn(cfg, config.z_loss, config.logits_chunk)
+    loss_fn = task.loss_fn
     if task.make_step is not None:
         step_fn = task.make_step(optimizer=optimizer, schedule=schedule, mesh=mesh, rules=rules,
-                                 state_shardings=state_sh)
+                                 state_shardings=state_sh, lora=task.lora)
     else:
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh=mesh, rules=rules,
                                   state_shardings=state_sh, grad_accum=config.grad_accum)
-    eval_fn = make_eval_step(loss_fn, mesh=mesh, rules=rules, param_shardings=param_sh,
+    eval_fn = make_eval_step(task.eval_loss_fn or loss_fn, mesh=mesh, rules=rules, param_shardings=param_sh,
                              frozen_shardings=frozen_sh)
 
     checkpointer = loader_state = None
@@ -414,7 +455,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
     A task's `data_counts` are in the summary (key "data_counts") and in
     `workdir/data_counts.json`."""
     workdir = Path(workdir)
-    task = task or Task()
+    task = start_from_checkpoint(config, task or Task())
     validate_config(config, own_data=task.make_loader is not None)  # before anything is written
     is_main = jax.process_index() == 0
     lock = DirLock(workdir, what="--workdir") if is_main else None
@@ -428,6 +469,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task: Task | N
             write_tokenizer_record(config, workdir)  # eval/sft/dpo refuse another tokenizer
             if task.data_counts is not None:
                 write_atomic(workdir / "data_counts.json", json.dumps(task.data_counts, indent=1))
+            if run.task.lora is not None:
+                write_lora_record(workdir, run.task.lora.lora_cfg, bases_record(run.task, config))
         summary = _train(run, workdir, is_main, progress_stream, progress_every, clock)
         if task.data_counts is not None:
             summary["data_counts"] = task.data_counts
@@ -547,5 +590,6 @@ def _train(run: Run, workdir: Path, is_main: bool, progress_stream=None,
         log.warning("%d of %d steps were skipped as non-finite (config.nan_policy='skip')",
                     summary["skipped_steps"], int(jax.device_get(state.step)) - start)
     summary["step"] = int(jax.device_get(state.step))
-    summary["params"] = state.params
+    export = run.task.export_params
+    summary["params"] = state.params if export is None else export(state.params, state.frozen)
     return summary

@@ -121,11 +121,12 @@ def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-    """True for weights that get weight decay: dense kernels (and embeddings if asked); never
-    norm scales or biases."""
+    """True for weights that get weight decay: dense kernels and LoRA's A/B matrices (as
+    transformers' Trainer decays them) (and embeddings if asked); never norm scales or
+    biases."""
     def wants_decay(path, _):
         name = str(getattr(path[-1], "key", path[-1]))
-        if name == "kernel":
+        if name == "kernel" or (name in ("a", "b") and len(path) > 1):
             return True
         return decay_embeddings and name in ("embedding", "pos_embed")
     return jax.tree_util.tree_map_with_path(wants_decay, params)
