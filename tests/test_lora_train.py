@@ -215,3 +215,30 @@ def test_weight_decay_reaches_adapters_not_norms():
     mask = decay_mask({"layers": {"attn": {"q": {"a": 1, "b": 2}}}, "norm": {"scale": 3}})
     assert mask == {"layers": {"attn": {"q": {"a": True, "b": True}}},
                     "norm": {"scale": False}}
+
+
+@pytest.mark.slow
+def test_lora_run_exports_to_peft_with_hibari_logits(tmp_path, base):
+    """The contract: `hibari lora export --checkpoint RUN --out DIR` on a LoRA training run;
+    peft.PeftModel on the HF export of its base gives the run's (merged) logits."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    from hibari.model import apply
+    config = lora_config(tmp_path, base, steps=3, sft=True)
+    config.optim.lr = 3e-2  # B far from 0 after three steps
+    workdir = tmp_path / "run"
+    train(config, workdir, tasks.sft_task(config))
+    assert lora_main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "peft"),
+                      "--hf-base", str(tmp_path / "hf")]) == 0
+    cfg, merged = load_params(workdir)
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, cfg.vocab_size)
+    ours = np.asarray(apply(cfg, merged, tokens))
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = model(torch.tensor(np.asarray(tokens))).logits.numpy()
+        model = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft")).eval()
+        theirs = model(torch.tensor(np.asarray(tokens))).logits.numpy()
+    assert np.abs(plain - ours).max() > 1e-3  # the trained adapters change the model
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
