@@ -23,7 +23,8 @@ RUN_COMMANDS = {"pretrain": None, "sft": "configs/sft/instruct.py",
 # commands whose shown flags are parsed by the command's own parser
 PARSED_COMMANDS = {"eval": "hibari.evaluation.cli:eval_parser",
                    "prune": "hibari.evaluation.prune_cli:prune_parser",
-                   "analyze": "hibari.evaluation.analyze_cli:neurons_parser"}
+                   "analyze": "hibari.evaluation.analyze_cli:neurons_parser",
+                   "lora": "hibari.model.lora_cli:lora_parser"}
 
 
 def shown_commands(docs=DOCS) -> list[tuple[str, str]]:
@@ -50,7 +51,7 @@ def test_docs_show_the_main_commands():
     names = {shlex.split(c, comments=True)[1] for _, c in COMMANDS_SHOWN}
     assert {"quickstart", "pretrain", "sft", "dpo", "eval", "data", "sweep", "scaling",
             "convert", "reward", "ppo", "grpo", "classify", "judge", "slick", "prune",
-            "analyze"} <= names
+            "analyze", "lora"} <= names
 
 
 @pytest.mark.parametrize("doc,command", COMMANDS_SHOWN,
