@@ -13,6 +13,7 @@ import pytest
 from test_align_e2e import tiny_config
 
 from hibari.align import tasks
+from hibari.align.reward import load_reward_model
 from hibari.base.resources import resource_path
 from hibari.configs.base import align_config
 from hibari.model import init
@@ -151,6 +152,17 @@ def test_lora_reward_model_trains_adapters_and_head(tmp_path, base):
     state, metrics = run.step_fn(run.state, batch)
     assert np.isfinite(float(metrics["loss"]))
     assert not np.allclose(np.asarray(jax.device_get(state.params["head"]["kernel"])), head)
+    # a trained LoRA reward run loads as base + merged adapters with its own head
+    train(config, tmp_path / "rm", tasks.reward_task(config))
+    run = build(config, tmp_path / "rm", tasks.reward_task(config))
+    cfg, loaded = load_reward_model(tmp_path / "rm")
+    _, base_params = load_params(base)
+    adapters = jax.device_put(jax.device_get(run.state.params["transformer"]), jax.devices()[0])
+    want = apply_lora(base_params, adapters, run.task.lora.lora_cfg)
+    for a, b in zip(jax.tree.leaves(loaded["transformer"]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(loaded["head"]["kernel"],
+                                  jax.device_get(run.state.params["head"]["kernel"]))
 
 
 @pytest.mark.slow
