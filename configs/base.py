@@ -55,9 +55,7 @@ def base_config(name: str, steps: int, *, shape: dict, data: dict, lr: float,
     c.keep_checkpoints = 3  # newest checkpoints kept
     c.async_checkpoint = True  # write checkpoints in the background
 
-    # run dir / step dir / params export / HF dir to start from ("" = a fresh model from the
-    # seed); pretraining from one is continued pretraining
-    c.init_from = ""
+    c.init_from = ""  # run/step dir, params export or HF dir to start from; "" = fresh model
     c.lora = lora_config()
     return c
 
@@ -66,8 +64,8 @@ def lora_config() -> ml_collections.ConfigDict:
     """config.lora: train low-rank adapters on the frozen init_from model instead of every
     weight (hibari.train.lora; docs/lora.md). Off by default."""
     return ml_collections.ConfigDict(dict(
-        enabled=False,
-        rank=8,
+        enabled=False,  # train adapters on the frozen init_from model, not every weight
+        rank=8,  # r, the adapters' rank
         alpha=16.0,  # the update is scaled by alpha / rank (PEFT's lora_alpha)
         dropout=0.0,  # on the adapters' input while training
         targets=("attn/q", "attn/v"),  # attn/q|k|v|o, mlp/gate|up|down; fnmatch patterns

@@ -50,11 +50,19 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def comments(files) -> dict[str, str]:
-    """{field name: comment} from `name=value,  # comment` / `c.name = value  # comment` lines."""
+    """{field name: comment} from `name=value,  # comment` / `c.name = value  # comment` lines;
+    inside `def X_config(...)` also {"X.name": comment}, which wins for fields under config.X
+    (lora.enabled and loss.token_selection.enabled describe different switches)."""
     found: dict[str, str] = {}
     for f in files:
+        section = None
         for line in package_file(f).read_text(encoding="utf-8").splitlines():
+            if line.startswith("def "):
+                d = re.match(r"def (\w+)_config\(", line)
+                section = d.group(1) if d else None
             m = COMMENT.search(line)
+            if m and section and f"{section}.{m.group(1)}" not in found:
+                found[f"{section}.{m.group(1)}"] = m.group(2).strip()
             if m and m.group(1) not in found:
                 found[m.group(1)] = m.group(2).strip()
     return found
@@ -75,7 +83,8 @@ def section(spec: str, files) -> str:
     lines = [f"## `{spec}`", "", module_doc.strip().split("\n\n")[0], "",
              "| field | default | note |", "|---|---|---|"]
     for name, value in fields.items():
-        note = notes.get(name.rsplit(".", 1)[-1], "").replace("|", "\\|")
+        leaf = name.rsplit(".", 1)[-1]
+        note = notes.get(f"{name.split('.')[0]}.{leaf}", notes.get(leaf, "")).replace("|", "\\|")
         lines.append(f"| `{name}` | `{_value(value)}` | {note} |".replace("`|", "`\\|"))
     return "\n".join(lines) + "\n"
 
