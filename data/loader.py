@@ -8,9 +8,15 @@ the seed and k):
 
 The loader's state is the number of batches consumed: restoring it resumes at exactly the next
 batch, with no replay. Batches are prefetched in background threads (or `worker_count` processes).
+
+Row arrays: `row_fields={name: DIR}` adds batch field `name` [b, seq_len] read from DIR, arrays
+aligned row for row with the packed shards (DIR/manifest.json, `write_row_arrays_manifest`; e.g.
+a reference model's per-token losses, hibari.train.cli.build_token_loss_cache). Each row is read
+with its arrays, so shuffling, mixing, host sharding and resume are the same as without them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -19,7 +25,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import grain
 import numpy as np
 
-from hibari.base.errors import InputNotFound
+from hibari.base.errors import InputNotFound, UserError
 from hibari.base.segments import positions_from_segments
 
 
@@ -139,7 +145,112 @@ class PackedRows:
         return {**self.__dict__, "_arrays": None}
 
 
-def _to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
+def _manifest_file(item) -> str:
+    item = str(item)
+    return os.path.join(item, "manifest.json") if os.path.isdir(item) else item
+
+
+def packed_identity(manifest_or_dirs) -> list[dict]:
+    """[{"manifest": absolute path, "sha256": of its bytes}] per packed manifest: what row arrays
+    built from these rows record (a repack writes another manifest, so another sha256)."""
+    items = [manifest_or_dirs] if isinstance(manifest_or_dirs, (str, os.PathLike)) else list(manifest_or_dirs)
+    out = []
+    for item in items:
+        path = _manifest_file(item)
+        with open(path, "rb") as f:
+            out.append({"manifest": os.path.abspath(path), "sha256": hashlib.sha256(f.read()).hexdigest()})
+    return out
+
+
+def packed_shard_rows(manifest_or_dirs) -> dict[str, list[tuple[str, int]]]:
+    """{source: [(shard path, rows)]} in the order PackedLoader reads them (the manifests' order)."""
+    shards, _, _ = load_manifests(manifest_or_dirs)
+    out = {}
+    for name, paths in shards.items():
+        with _NPY_OPEN_LOCK:
+            out[name] = [(p, int(np.load(p, mmap_mode="r").shape[0])) for p in paths]
+    return out
+
+
+class StaleRowArrays(UserError, ValueError):
+    """Row arrays (`row_fields`) were built for other packed rows; the message names the file."""
+
+
+ROW_ARRAYS_VERSION = 1
+
+
+def row_array_shard_name(source: str, index: int) -> str:
+    """File name of a source's index-th row-array shard (index over the manifests' shards)."""
+    return f"{source}-{index:05d}.npy"
+
+
+def write_row_arrays_manifest(directory: str, manifest_or_dirs, field: str, dtype: str,
+                              extra: dict | None = None) -> dict:
+    """Write DIR/manifest.json for row arrays already saved as DIR/`row_array_shard_name(source,
+    i)` ([rows of packed shard i, seq_len]): the packed rows' identity (`packed_identity`), the
+    shards' row counts and `extra` (what else the arrays depend on, e.g. the model that made them)."""
+    _, _, seq_len = load_manifests(manifest_or_dirs)
+    manifest = {"version": ROW_ARRAYS_VERSION, "field": field, "dtype": dtype, "seq_len": seq_len,
+                "packed": packed_identity(manifest_or_dirs),
+                "sources": {name: {"shards": [{"path": row_array_shard_name(name, i), "rows": rows}
+                                              for i, (_, rows) in enumerate(shards)]}
+                            for name, shards in packed_shard_rows(manifest_or_dirs).items()},
+                **(extra or {})}
+    path = os.path.join(directory, "manifest.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return manifest
+
+
+def check_row_arrays(directory: str, manifest_or_dirs, fix: str = "") -> dict:
+    """DIR/manifest.json of row arrays, checked against the packed rows they must align with
+    (the same manifests, byte for byte, and row counts); StaleRowArrays names the file and
+    `fix` (default: delete DIR to rebuild it)."""
+    path = os.path.join(directory, "manifest.json")
+    fix = fix or f"delete {directory} to rebuild it"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: no row arrays here; {fix}") from None
+    except ValueError as e:
+        raise StaleRowArrays(f"{path}: unreadable ({e}); {fix}") from None
+    if manifest.get("version") != ROW_ARRAYS_VERSION:
+        raise StaleRowArrays(f"{path}: row arrays of version {manifest.get('version')!r}, this "
+                             f"hibari reads {ROW_ARRAYS_VERSION}; {fix}")
+    now = packed_identity(manifest_or_dirs)
+    then = manifest.get("packed")
+    if then != now:
+        was = ", ".join(f"{p['manifest']} sha256 {p['sha256'][:12]}" for p in then or [])
+        got = ", ".join(f"{p['manifest']} sha256 {p['sha256'][:12]}" for p in now)
+        raise StaleRowArrays(f"{path}: built for packed rows {was or '?'}, not {got} (repacked "
+                             f"or another dataset); {fix}")
+    for name, shards in packed_shard_rows(manifest_or_dirs).items():
+        have = [s["rows"] for s in manifest["sources"].get(name, {}).get("shards", [])]
+        if have != [rows for _, rows in shards]:
+            raise StaleRowArrays(f"{path}: source {name!r} has row arrays of {have} rows per "
+                                 f"shard, the packed shards {[r for _, r in shards]}; {fix}")
+    return manifest
+
+
+class _RowsWithArrays:
+    """A source's packed rows, each with its row arrays: {"row": [2, t], field: [t], ...}."""
+
+    def __init__(self, rows: PackedRows, fields: dict[str, PackedRows]):
+        self.rows, self.fields = rows, fields
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"row": self.rows[index], **{k: v[index] for k, v in self.fields.items()}}
+
+
+def _to_batch(rows) -> dict[str, np.ndarray]:
+    if isinstance(rows, dict):  # row_fields: {"row": [b, 2, t], field: [b, t], ...}
+        extra = {k: v for k, v in rows.items() if k != "row"}
+        return {**_to_batch(rows["row"]), **extra}
     tokens, segment_ids = rows[:, 0].astype(np.int32), rows[:, 1].astype(np.int32)
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions_from_segments(segment_ids)}
 
@@ -150,12 +261,16 @@ class PackedLoader:
     `weights` ({source: weight}) defaults to each source's share of rows; a source missing from
     `weights` or weighted 0 is left out. With `num_epochs`, the stream ends when the first source
     runs out (its epochs consumed at its mixture rate); with None it never ends.
+    `row_fields` ({batch field: row-array directory}, checked by `check_row_arrays`) adds those
+    fields to each batch; the batches' order and the loader state are the same without them.
     """
 
     def __init__(self, manifest_or_dirs, *, batch_size: int, seq_len: int, seed: int,
                  shard_index: int = 0, shard_count: int = 1, weights: dict[str, float] | None = None,
-                 num_epochs: int | None = None, worker_count: int = 0, prefetch: int = 4):
+                 num_epochs: int | None = None, worker_count: int = 0, prefetch: int = 4,
+                 row_fields: dict[str, str] | None = None):
         shards, rows, manifest_seq_len = load_manifests(manifest_or_dirs)
+        arrays = {field: check_row_arrays(d, manifest_or_dirs) for field, d in (row_fields or {}).items()}
         if seq_len != manifest_seq_len:
             raise ValueError(f"seq_len={seq_len} but the shards were packed with seq_len={manifest_seq_len}: "
                              "repack or change the config")
@@ -176,7 +291,13 @@ class PackedLoader:
 
         parts = []
         for i, name in enumerate(names):
-            ds = grain.MapDataset.source(PackedRows(shards[name])).shuffle(seed=(seed * 1000003 + i) % 2**32)
+            source = PackedRows(shards[name])
+            if arrays:
+                source = _RowsWithArrays(source, {
+                    field: PackedRows([os.path.join(row_fields[field], s["path"])
+                                       for s in m["sources"][name]["shards"]])
+                    for field, m in arrays.items()})
+            ds = grain.MapDataset.source(source).shuffle(seed=(seed * 1000003 + i) % 2**32)
             parts.append(ds.repeat(num_epochs))
         mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [self.weights[n] for n in names])
         host = mixed[shard_index::shard_count]

@@ -238,8 +238,9 @@ def run_training(plan: Plan, stage: str) -> dict:
     from hibari.train.loop import train
     config = plan.train_config(stage)
     workdir = plan.dir(stage)
-    if stage == "pretrain":
-        task = None
+    if stage == "pretrain":  # config.loss.token_selection (Rho-1) as `hibari pretrain` does
+        from hibari.train.cli import token_selection_task
+        task = token_selection_task(config, workdir=workdir)
     elif stage == "sft":
         from hibari.align.tasks import sft_task
         task = sft_task(config)

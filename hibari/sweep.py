@@ -353,9 +353,11 @@ def _pretrain_command(config_path: Path, run_dir: Path) -> list[str]:
 
 def _run_in_process(member: Member, run_dir: Path) -> str | None:
     """Train one member here; returns the signal name if SIGTERM/SIGINT stopped it."""
+    from hibari.train.cli import token_selection_task
     from hibari.train.loop import train
     start = time.perf_counter()
-    summary = train(member.config, run_dir)
+    task = token_selection_task(member.config, workdir=run_dir)  # as `hibari pretrain` does
+    summary = train(member.config, run_dir, task)
     _record_wall_time(run_dir, time.perf_counter() - start)
     return summary.get("stopped_by")
 
@@ -438,8 +440,16 @@ def _switches(config) -> dict[str, Any]:
     return {field: config[section][field] for section, field in SWITCHES}
 
 
+def heldout_loss(record: dict) -> float:
+    """The all-token held-out loss of an evaluation record: "eval_nll" when the run selected
+    tokens (Rho-1: its "eval_loss" counts only the kept tokens), else "eval_loss"."""
+    value = record.get("eval_nll")
+    return value if isinstance(value, (int, float)) else record["eval_loss"]
+
+
 def member_result(member: Member, run_dir: Path) -> tuple[dict | None, list[dict]]:
-    """(results row, curve rows) of a finished member; (None, []) if it has not finished."""
+    """(results row, curve rows) of a finished member; (None, []) if it has not finished.
+    Losses are `heldout_loss`: comparable between all-token and token-selection members."""
     records = read_member_metrics(run_dir)
     final = [r for r in records if r["step"] == member.steps]
     evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float))]
@@ -454,8 +464,8 @@ def member_result(member: Member, run_dir: Path) -> tuple[dict | None, list[dict
                d_model=model.d_model, n_layers=model.n_layers, n_heads=model.n_heads,
                d_ff=model.d_ff, **_switches(member.config), N=member.n, N_total=member.n_total,
                N_non_embedding=member.n_non_embedding, D=member.tokens, C=member.flops_6nd,
-               C_attention=member.flops_attention, loss=final[0]["eval_loss"],
-               best_eval_loss=min(r["eval_loss"] for r in evals),
+               C_attention=member.flops_attention, loss=heldout_loss(final[0]),
+               best_eval_loss=min(heldout_loss(r) for r in evals),
                final_train_loss=final[0].get("loss", ""), step=member.steps,
                batch_size=member.config.data.batch_size, seq_len=member.config.data.seq_len,
                wall_s=round(_read_status(run_dir)["wall_s"], 2))
@@ -463,7 +473,7 @@ def member_result(member: Member, run_dir: Path) -> tuple[dict | None, list[dict
                   setting=member.setting, step=r["step"], tokens=r["step"] * tokens_per_step,
                   N=member.n, D=r["step"] * tokens_per_step,
                   C=6.0 * member.n * r["step"] * tokens_per_step,
-                  C_attention=per_token * r["step"] * tokens_per_step, loss=r["eval_loss"])
+                  C_attention=per_token * r["step"] * tokens_per_step, loss=heldout_loss(r))
              for r in evals]
     return row, curve
 

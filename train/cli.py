@@ -12,6 +12,7 @@ run's config.json names the same files from any working directory.
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import os
 import re
@@ -134,7 +135,8 @@ def config_flag_values(prog: str, argv: list[str], help_: str
 # Config fields that name files or directories, in any run config (configs/base.py and the
 # recipe files): absolute in the resolved config, so config.json holds wherever it is read.
 PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "data.train_path", "init_from",
-               "reference_cache", "reward.model", "bias.path", "loss.token_selection.reference")
+               "reference_cache", "reward.model", "bias.path", "loss.token_selection.reference",
+               "loss.token_selection.cache")
 
 
 def absolute_path(value: str, cwd: str | os.PathLike | None = None) -> str:
@@ -367,12 +369,205 @@ def heldout_nll(config, cfg) -> Callable:
     return on_eval
 
 
-def token_selection_task(config, allow_tokenizer_mismatch: bool = False):
+SELECTION_MODES = ("live", "cached")
+CACHE_NAME = "reference_token_losses"  # default cache: <workdir>/reference_token_losses
+CACHE_FIELD = "ref_token_loss"  # the batch field the cached mode's loader adds
+
+
+def reference_files(reference: str) -> tuple[str, list[str]]:
+    """(root, files under it): what a reference checkpoint reads, for its identity: the .gguf
+    file, the params export (config + params/), the step's params/ or the HF directory."""
+    if reference.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(reference)), [os.path.abspath(reference)]
+    from hibari.model.params_io import resolve_checkpoint
+    kind, directory, _ = resolve_checkpoint(reference)
+    root = directory.parent if kind == "params" else directory
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    if kind == "step":  # the run's config.json holds the step's model config
+        run = directory.parent.parent.parent
+        files += [str(run / "config.json")]
+    return str(root), files
+
+
+def reference_identity(reference: str, content: bool = True) -> dict:
+    """{"path", "root", "files": {path: [size, mtime_ns]}, "blake2b"}: the reference checkpoint's
+    files (`reference_files`) by stat and, with `content`, a hash of their bytes."""
+    import hashlib
+    root, files = reference_files(reference)
+    stat = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+    identity = {"path": reference, "root": root, "files": stat}
+    if content:
+        h = hashlib.blake2b(digest_size=16)
+        for f in files:
+            h.update(os.path.relpath(f, root).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        identity["blake2b"] = h.hexdigest()
+    return identity
+
+
+def same_reference(recorded: dict, reference: str) -> bool:
+    """Whether `reference` is the checkpoint `recorded` (reference_identity): the same files by
+    stat, or else the same bytes (a copy or a touched file is the same reference)."""
+    now = reference_identity(reference, content=False)
+    if recorded.get("files") == now["files"]:
+        return True
+    return recorded.get("blake2b") == reference_identity(reference)["blake2b"]
+
+
+def token_loss_cache_dir(config, workdir) -> str:
+    """config.loss.token_selection.cache, or <workdir>/reference_token_losses."""
+    cache = config.loss.token_selection.get("cache") or ""
+    if cache:
+        return cache
+    if workdir is None:
+        raise UsageError(f"{SELECTION}.mode='cached' needs {SELECTION}.cache=DIR (no run "
+                         "directory to keep the cache in)")
+    return os.path.join(str(workdir), CACHE_NAME)
+
+
+def _cache_splits(config) -> dict[str, str]:
+    data = config.data
+    return {"train": data.path, **({"eval": data.eval_path} if data.get("eval_path") else {})}
+
+
+def check_token_loss_cache(cache: str, config, reference: str) -> bool:
+    """True when `cache` holds every split's reference token losses for this run's packed rows
+    and reference; False when it holds none yet; a stale or mismatched split is a one-line
+    StaleRowArrays naming its manifest and the fix."""
+    from hibari.data.loader import StaleRowArrays, check_row_arrays
+    fix = (f"delete {cache} to recompute it, or point --{SELECTION}.cache at another directory")
+    found = []
+    for split, packed in _cache_splits(config).items():
+        directory = os.path.join(cache, split)
+        if not os.path.exists(os.path.join(directory, "manifest.json")):
+            found.append(False)
+            continue
+        manifest = check_row_arrays(directory, packed, fix)
+        recorded = manifest.get("reference", {})
+        if not same_reference(recorded, reference):
+            raise StaleRowArrays(
+                f"{directory}/manifest.json: computed with reference {recorded.get('path')!r} "
+                f"(blake2b {str(recorded.get('blake2b'))[:12]}), not {SELECTION}.reference="
+                f"{reference!r} (changed or another checkpoint); {fix}")
+        found.append(True)
+    if any(found) and not all(found):
+        missing = [s for s, f in zip(_cache_splits(config), found) if not f]
+        raise StaleRowArrays(f"{cache}: has no {missing} split (config.data.eval_path added "
+                             f"since it was built?); {fix}")
+    return all(found)
+
+
+def build_token_loss_cache(cache: str, config, reference: str, ref_cfg, ref_params) -> None:
+    """Score every packed row of config.data.path (and eval_path) with the reference once:
+    cache/<split>/ holds, per packed shard, float32 [rows, seq_len] `reference_token_loss`
+    (nats; 0 where no prediction counts) and a manifest.json recording the packed manifests
+    (sha256) and the reference (files + blake2b). Process 0 scores on its local devices (the
+    reference sharded over them) and writes; other processes wait."""
+    import jax
+    import numpy as np
+
+    from hibari.base.files import write_atomic
+    from hibari.base.segments import positions_from_segments
+    from hibari.data.loader import (
+        packed_shard_rows,
+        row_array_shard_name,
+        write_row_arrays_manifest,
+    )
+    from hibari.model import param_axes
+    from hibari.train.losses import reference_token_loss
+    from hibari.train.sharding import (
+        batch_divisor,
+        global_batch,
+        logical_shardings,
+        make_mesh,
+        normalize_rules,
+    )
+    log = logging.getLogger(__name__)
+    if jax.process_index() == 0:
+        identity = reference_identity(reference)
+        mesh_sizes = config.mesh.to_dict() if jax.process_count() == 1 else \
+            {"data": 1, "fsdp": -1, "tensor": 1}
+        mesh = make_mesh(mesh_sizes, jax.local_devices())
+        rules = normalize_rules(config.rules)
+        shardings = logical_shardings(param_axes(ref_cfg), jax.eval_shape(lambda: ref_params),
+                                      mesh, rules)
+        params = jax.device_put(ref_params, shardings)
+        divisor = batch_divisor(mesh, rules)
+        batch = -(-config.data.batch_size // divisor) * divisor
+        score = jax.jit(lambda p, b: reference_token_loss(ref_cfg, p, b, config.logits_chunk))
+        for split, packed in _cache_splits(config).items():
+            final = os.path.join(cache, split)
+            tmp = f"{final}.tmp-{os.getpid()}"
+            os.makedirs(tmp, exist_ok=True)
+            n_rows = 0
+            for source, shards in packed_shard_rows(packed).items():
+                for i, (path, rows) in enumerate(shards):
+                    packed_rows = np.load(path, mmap_mode="r")
+                    out = np.zeros((rows, packed_rows.shape[-1]), np.float32)
+                    for start in range(0, rows, batch):
+                        part = np.asarray(packed_rows[start:start + batch])
+                        pad = batch - len(part)
+                        part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+                        seg = part[:, 1].astype(np.int32)
+                        local = {"tokens": part[:, 0].astype(np.int32), "segment_ids": seg,
+                                 "positions": positions_from_segments(seg)}
+                        losses = score(params, global_batch(local, mesh, rules))
+                        out[start:start + batch] = np.asarray(losses)[:batch - pad]
+                    buf = io.BytesIO()
+                    np.save(buf, out)
+                    write_atomic(os.path.join(tmp, row_array_shard_name(source, i)),
+                                 buf.getvalue())
+                    n_rows += rows
+            write_row_arrays_manifest(tmp, packed, CACHE_FIELD, "float32", {
+                "reference": identity, "reference_model": ref_cfg.to_dict(),
+                "logits_chunk": config.logits_chunk})
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another run built it meanwhile: theirs is checked on use
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("reference token losses of %d %s rows cached at %s", n_rows, split, final)
+        del params
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hibari token loss cache")
+
+
+def cached_loader_factory(config, cache: str):
+    """Task.make_loader of the cached mode: train.loop.make_loader's packed loaders, each batch
+    with `ref_token_loss` [b, t] read from cache/<split>."""
+    import jax
+
+    from hibari.data.loader import PackedLoader
+
+    def make_loader(split):
+        data = config.data
+        path = data.path if split == "train" else (data.get("eval_path") or None)
+        if path is None:
+            return None
+        weights = data.weights.to_dict() if hasattr(data.weights, "to_dict") else data.weights
+        return PackedLoader(path, batch_size=data.batch_size // jax.process_count(),
+                            seq_len=data.seq_len, seed=config.seed,
+                            shard_index=jax.process_index(), shard_count=jax.process_count(),
+                            weights=weights or None, worker_count=data.worker_count,
+                            num_epochs=None if split == "train" else 1,
+                            row_fields={CACHE_FIELD: os.path.join(cache, split)})
+    return make_loader
+
+
+def token_selection_task(config, allow_tokenizer_mismatch: bool = False, workdir=None):
     """The pretraining Task of a config with loss.token_selection.enabled (Rho-1: the loss
     counts the top keep_ratio share of each batch's tokens by excess loss over the reference
-    model, held sharded beside the model as the state's frozen parameters); None when the
-    config has no token selection or it is off. Errors (a bad keep_ratio, a missing reference,
-    another vocabulary or tokenizer) are one-line UserErrors, raised before any compilation."""
+    model); None when the config has no token selection or it is off.
+
+    mode "live": the reference is held sharded beside the model as the state's frozen
+    parameters and scores each batch. mode "cached": the reference scores every packed row once
+    into `token_loss_cache_dir` (built here when missing, `build_token_loss_cache`; a stale one
+    is refused) and is then dropped: batches carry `ref_token_loss`, no reference on device.
+    Errors (a bad keep_ratio or mode, a missing reference, another vocabulary or tokenizer, a
+    stale cache) are one-line UserErrors, raised before any compilation of the model."""
     from hibari.model import param_axes
     from hibari.train.loop import Task, TrainConfigError, validate_config
     from hibari.train.losses import keep_fraction, selective_lm_loss_fn
@@ -387,6 +582,13 @@ def token_selection_task(config, allow_tokenizer_mismatch: bool = False):
     except (TypeError, ValueError):
         raise TrainConfigError(f"{SELECTION}.keep_ratio={ratio!r} must be a number in (0, 1] "
                                "(the share of each batch's tokens the loss counts)") from None
+    mode = selection.get("mode", "live")
+    if mode not in SELECTION_MODES:
+        raise TrainConfigError(f"{SELECTION}.mode={mode!r}; choose one of {SELECTION_MODES}")
+    if mode == "cached" and config.data.kind != "packed":
+        raise TrainConfigError(f"{SELECTION}.mode='cached' scores packed rows: it needs "
+                               f"config.data.kind='packed', not {config.data.kind!r} (use "
+                               "mode='live')")
     reference = selection.reference
     if reference and not reference.endswith(".gguf"):
         from hibari.model.params_io import resolve_checkpoint
@@ -394,16 +596,45 @@ def token_selection_task(config, allow_tokenizer_mismatch: bool = False):
             resolve_checkpoint(reference)  # not a checkpoint: named before the tokenizer check
     if reference and os.path.exists(reference):
         check_reference_tokenizer(config, reference, allow_tokenizer_mismatch)
+    on_eval = heldout_nll(config, cfg)
+    if mode == "cached":
+        if not reference:
+            load_reference(reference)  # the one-line error for an empty reference
+        cache = token_loss_cache_dir(config, workdir)
+        if not check_token_loss_cache(cache, config, reference):
+            ref_cfg, ref_params = load_reference(reference)
+            _check_vocab(reference, ref_cfg, cfg)
+            build_token_loss_cache(cache, config, reference, ref_cfg, ref_params)
+            del ref_params
+            check_token_loss_cache(cache, config, reference)
+        else:
+            _check_vocab(reference, _reference_model(cache), cfg)
+        return Task(loss_fn=selective_lm_loss_fn(cfg, None, ratio, config.z_loss,
+                                                 config.logits_chunk),
+                    make_loader=cached_loader_factory(config, cache), on_eval=on_eval)
     ref_cfg, ref_params = load_reference(reference)
+    _check_vocab(reference, ref_cfg, cfg)
+    return Task(loss_fn=selective_lm_loss_fn(cfg, ref_cfg, ratio, config.z_loss,
+                                             config.logits_chunk),
+                frozen_params=ref_params,
+                frozen_axes=param_axes(ref_cfg), on_eval=on_eval)
+
+
+def _reference_model(cache: str):
+    import json
+
+    from hibari.model import ModelConfig
+    with open(os.path.join(cache, "train", "manifest.json")) as f:
+        return ModelConfig.from_dict(json.load(f)["reference_model"])
+
+
+def _check_vocab(reference: str, ref_cfg, cfg) -> None:
+    from hibari.train.loop import TrainConfigError
     if ref_cfg.vocab_size != cfg.vocab_size:
         raise TrainConfigError(
             f"{SELECTION}.reference={reference!r} has vocab_size={ref_cfg.vocab_size} but "
             f"config.model.vocab_size={cfg.vocab_size}: the reference must share the model's "
             "tokenizer and vocabulary")
-    return Task(loss_fn=selective_lm_loss_fn(cfg, ref_cfg, ratio, config.z_loss,
-                                             config.logits_chunk),
-                frozen_params=ref_params,
-                frozen_axes=param_axes(ref_cfg), on_eval=heldout_nll(config, cfg))
 
 
 def pretrain_main(argv: list[str]) -> int:
@@ -415,7 +646,7 @@ def pretrain_main(argv: list[str]) -> int:
     from hibari.train.distributed import initialize
     initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     from hibari.train.loop import train
-    task = token_selection_task(fv.config, fv.allow_tokenizer_mismatch)
+    task = token_selection_task(fv.config, fv.allow_tokenizer_mismatch, fv.workdir)
     summary = train(fv.config, fv.workdir, task)
     shown = {k: v for k, v in summary.items() if k != "params"}
     print(f"hibari pretrain: {shown}", file=sys.stderr)

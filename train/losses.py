@@ -73,48 +73,77 @@ def selective_token_weights(token_loss: jax.Array, ref_token_loss: jax.Array,
     return jax.lax.stop_gradient(keep.astype(jnp.float32))
 
 
-def selective_lm_loss_fn(cfg: ModelConfig, ref_cfg: ModelConfig, keep_ratio: float,
+def reference_token_loss(ref_cfg: ModelConfig, ref_params, batch: dict,
+                         logits_chunk: int = 0) -> jax.Array:
+    """float32 [b, t]: the reference model's next-token loss (nats) at each position t (the
+    loss of predicting tokens[t + 1]), 0 where the prediction does not count. What live token
+    selection computes each step, and what the cached mode stores per packed row
+    (hibari.train.cli.build_token_loss_cache)."""
+    ref_params = jax.lax.stop_gradient(ref_params)
+    targets, weights = next_token_targets(batch)
+    h = hidden(ref_cfg, ref_params, batch["tokens"], batch.get("segment_ids"),
+               batch.get("positions"))
+    log_p, _ = chunked_log_probs(ref_cfg, ref_params, h, targets, logits_chunk)
+    return jax.lax.stop_gradient(-log_p * weights).astype(jnp.float32)
+
+
+def _selective_loss(token_loss, ref_loss, log_z, weights, keep_ratio, z_loss):
+    """(loss, aux) of selective_lm_loss_fn from per-token policy and reference losses."""
+    keep = selective_token_weights(token_loss, ref_loss, weights, keep_ratio)
+    drop = weights - keep
+    n, kept = weights.sum(), keep.sum()
+    excess = jax.lax.stop_gradient(token_loss - ref_loss)
+    selected_nll = (token_loss * keep).sum() / jnp.maximum(kept, 1.0)
+    loss = selected_nll
+    if z_loss:
+        loss = loss + z_loss * (jnp.square(log_z) * keep).sum() / jnp.maximum(kept, 1.0)
+    aux = {"nll": jax.lax.stop_gradient((token_loss * weights).sum() / jnp.maximum(n, 1.0)),
+           "selected_nll": selected_nll,
+           "kept_share": kept / jnp.maximum(n, 1.0),
+           "excess_kept": (excess * keep).sum() / jnp.maximum(kept, 1.0),
+           "excess_dropped": (excess * drop).sum() / jnp.maximum(drop.sum(), 1.0),
+           "weight": kept}
+    return loss, aux
+
+
+def selective_lm_loss_fn(cfg: ModelConfig, ref_cfg: ModelConfig | None, keep_ratio: float,
                          z_loss: float = 0.0, logits_chunk: int = 0) -> LossFn:
     """Rho-1's selective language modelling: next-token cross entropy averaged over the tokens
     `selective_token_weights` keeps (the top keep_ratio share of the batch's counted tokens by
     excess loss over a reference model), plus z_loss * mean(log Z ** 2) over the same tokens.
 
-    loss_fn(params, batch, rng, frozen): `frozen` holds the reference model's parameters (of
-    `ref_cfg`, the same vocabulary as `cfg`), the train state's frozen parameters; no gradient
-    reaches them. With grad_accum > 1 the selection is per microbatch.
+    Live (`ref_cfg` a ModelConfig): loss_fn(params, batch, rng, frozen), `frozen` the reference
+    model's parameters (of `ref_cfg`, the same vocabulary as `cfg`), the train state's frozen
+    parameters; no gradient reaches them. Cached (`ref_cfg` None): loss_fn(params, batch, rng)
+    reads the reference's per-token losses from batch["ref_token_loss"] ([b, t] float32, as
+    `reference_token_loss` computes them). With grad_accum > 1 the selection is per microbatch.
 
     aux: "nll" the plain all-token cross entropy (what lm_loss_fn's "nll" is), "selected_nll"
     the policy loss over kept tokens, "kept_share" kept / counted tokens, "excess_kept" and
     "excess_dropped" the mean excess loss (nats) of kept and dropped tokens (0 when none),
     "weight" the number of kept tokens (gradient accumulation weights microbatches by it)."""
-    if ref_cfg.vocab_size != cfg.vocab_size:
+    if ref_cfg is not None and ref_cfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"reference vocab_size={ref_cfg.vocab_size} differs from the model's "
                          f"vocab_size={cfg.vocab_size}")
     keep_fraction(keep_ratio)  # validates
 
+    def policy(params, batch):
+        targets, weights = next_token_targets(batch)
+        h = hidden(cfg, params, batch["tokens"], batch.get("segment_ids"), batch.get("positions"))
+        log_p, log_z = chunked_log_probs(cfg, params, h, targets, logits_chunk)
+        return -log_p, log_z, weights
+
+    if ref_cfg is None:
+        def cached_loss_fn(params, batch, rng):
+            del rng
+            token_loss, log_z, weights = policy(params, batch)
+            ref_loss = jax.lax.stop_gradient(batch["ref_token_loss"]).astype(jnp.float32)
+            return _selective_loss(token_loss, ref_loss, log_z, weights, keep_ratio, z_loss)
+        return cached_loss_fn
+
     def loss_fn(params, batch, rng, frozen):
         del rng
-        tokens, seg, pos = batch["tokens"], batch.get("segment_ids"), batch.get("positions")
-        targets, weights = next_token_targets(batch)
-        log_p, log_z = chunked_log_probs(cfg, params, hidden(cfg, params, tokens, seg, pos),
-                                         targets, logits_chunk)
-        frozen = jax.lax.stop_gradient(frozen)
-        ref_log_p, _ = chunked_log_probs(ref_cfg, frozen, hidden(ref_cfg, frozen, tokens, seg, pos),
-                                         targets, logits_chunk)
-        token_loss, ref_loss = -log_p, -ref_log_p
-        keep = selective_token_weights(token_loss, ref_loss, weights, keep_ratio)
-        drop = weights - keep
-        n, kept = weights.sum(), keep.sum()
-        excess = jax.lax.stop_gradient(token_loss - ref_loss)
-        selected_nll = (token_loss * keep).sum() / jnp.maximum(kept, 1.0)
-        loss = selected_nll
-        if z_loss:
-            loss = loss + z_loss * (jnp.square(log_z) * keep).sum() / jnp.maximum(kept, 1.0)
-        aux = {"nll": jax.lax.stop_gradient((token_loss * weights).sum() / jnp.maximum(n, 1.0)),
-               "selected_nll": selected_nll,
-               "kept_share": kept / jnp.maximum(n, 1.0),
-               "excess_kept": (excess * keep).sum() / jnp.maximum(kept, 1.0),
-               "excess_dropped": (excess * drop).sum() / jnp.maximum(drop.sum(), 1.0),
-               "weight": kept}
-        return loss, aux
+        token_loss, log_z, weights = policy(params, batch)
+        ref_loss = reference_token_loss(ref_cfg, frozen, batch, logits_chunk)
+        return _selective_loss(token_loss, ref_loss, log_z, weights, keep_ratio, z_loss)
     return loss_fn
