@@ -80,9 +80,7 @@ def loss_config() -> ml_collections.ConfigDict:
         enabled=False,  # train only on the tokens of highest excess loss over a reference model
         keep_ratio=0.6,  # in (0, 1]: each batch keeps its ⌈keep_ratio·n⌉ tokens of most excess
         reference="",  # same-vocab model: run/step dir, params export, HF dir, .gguf file
-        # live: the reference is held sharded beside the model and scores each batch; cached:
-        # it scores every packed row once into `cache`, then training reads the losses
-        mode="live",
+        mode="live",  # live: held beside the model, scores each batch | cached: packed rows once
         cache="",  # mode=cached: the cache directory; "" = <workdir>/reference_token_losses
     ))))
 
