@@ -19,10 +19,18 @@ variant for --steps steps, after one warm-up step each), best and median of the 
 Prints a markdown table and one JSON line (device, versions, load average before/after);
 --out FILE appends the line. Results are recorded in BENCHMARKS.md ("LoRA vs full fine-tuning").
 
-Measured 2026-12-01, AMD EPYC, 2 cores, CPU only, jax 0.10.2, flax 0.12.8, optax 0.2.8
-(shared machine; see BENCHMARKS.md for the load):
+Measured 2026-12-01 (`--rounds 5`), AMD EPYC, 2 cores, CPU only, jax 0.10.2, flax 0.12.8,
+optax 0.2.8; shared machine (1-minute load 8.5 -> 5.2), so tokens/s are lower bounds:
 
-RESULTS-PLACEHOLDER
+    variant  trainable   params+opt MiB  opt B/param  frozen MiB  XLA args / temps MiB  tokens/s best (median)
+    full     33,694,208  385.6           8.0000         0.0       385.6 / 1,368.9       112 (104)  1.00x
+    q,v r8      131,072    1.5           8.0001       128.5       130.1 / 1,018.1       196 (186)  1.75x
+    all r16   1,249,280   14.3           8.0000       128.5       142.9 / 1,202.7       132 (132)  1.18x
+
+The optimizer state is 8 bytes per trainable parameter (plus 8 bytes of step counts) in every
+variant. On a CPU the speed-up is bounded because the forward pass and the backward pass's
+activation gradients still run through every frozen weight (4 of the 6 N FLOPs per token); only
+the weight-gradient matmuls and the elementwise optimizer work over the trained weights shrink.
 """
 from __future__ import annotations
 
