@@ -203,7 +203,8 @@ def test_sweep_member_with_token_selection_uses_the_selective_loss(data, tmp_pat
     sweep.variants = ml_collections.ConfigDict({"rho1": {"loss": {"token_selection": {
         "enabled": True, "keep_ratio": 0.6, "reference": data["ref"]}}}})
     sweep.overrides = ml_collections.ConfigDict({
-        "steps": 3, "eval_batches": 1, "async_checkpoint": False, "model": {"vocab_size": VOCAB},
+        "steps": 3, "log_every": 1, "eval_batches": 1, "async_checkpoint": False,
+        "model": {"vocab_size": VOCAB},
         "data": {"kind": "packed", "path": data["train"], "eval_path": data["eval"],
                  "seq_len": SEQ}})
     out = run_sweep(sweep, tmp_path / "sweep", report=False)
