@@ -155,6 +155,7 @@ def selection_config(data, **fields):
     return config
 
 
+@pytest.mark.slow  # ~25 s with the data fixture (tokenizer, packing) and a cache build
 def test_stale_or_mismatched_cache_is_refused(data, tmp_path, capsys):
     from hibari.train.cli import token_selection_task
     cache = tmp_path / "cache"
