@@ -211,6 +211,19 @@ def test_lora_grpo_and_continued_pretraining_run(tmp_path, base):
     assert np.isfinite(summary["loss"])
     assert p.model.d_model == model_config(small_config(tmp_path, 1)).d_model
 
+    # ... with Rho-1 token selection (the base as its own reference): the recipe's model is
+    # replaced by init_from's before the reference's vocabulary is checked against it
+    from hibari.train.cli import token_selection_task
+    r = pretrain_config("tiny")
+    r.update(steps=2, log_every=1, eval_every=0, checkpoint_every=0, async_checkpoint=False)
+    r.data.update(seq_len=SEQ, batch_size=8)
+    r.init_from = base
+    r.lora.update(enabled=True)
+    r.loss.token_selection.update(enabled=True, reference=base, keep_ratio=0.5)
+    task = token_selection_task(r)
+    summary = train(r, tmp_path / "cpt-rho1", task)
+    assert np.isfinite(summary["loss"]) and summary["kept_share"] == pytest.approx(0.5, abs=0.01)
+
 
 def test_lora_without_a_base_is_a_one_line_error(tmp_path):
     c = align_config("t", steps=1)

@@ -569,12 +569,14 @@ def token_selection_task(config, allow_tokenizer_mismatch: bool = False, workdir
     Errors (a bad keep_ratio or mode, a missing reference, another vocabulary or tokenizer, a
     stale cache) are one-line UserErrors, raised before any compilation of the model."""
     from hibari.model import param_axes
-    from hibari.train.loop import Task, TrainConfigError, validate_config
+    from hibari.train.loop import Task, TrainConfigError, start_from_checkpoint, validate_config
     from hibari.train.losses import keep_fraction, selective_lm_loss_fn
     loss = config.get("loss")
     selection = loss.get("token_selection") if loss is not None else None
     if selection is None or not selection.enabled:
         return None
+    # continued pretraining: config.model becomes init_from's before anything is checked
+    start = start_from_checkpoint(config, Task()).base_params
     cfg = validate_config(config)
     ratio = selection.keep_ratio
     try:
@@ -610,13 +612,13 @@ def token_selection_task(config, allow_tokenizer_mismatch: bool = False, workdir
         else:
             _check_vocab(reference, _reference_model(cache), cfg)
         return Task(loss_fn=selective_lm_loss_fn(cfg, None, ratio, config.z_loss,
-                                                 config.logits_chunk),
+                                                 config.logits_chunk), base_params=start,
                     make_loader=cached_loader_factory(config, cache), on_eval=on_eval)
     ref_cfg, ref_params = load_reference(reference)
     _check_vocab(reference, ref_cfg, cfg)
     return Task(loss_fn=selective_lm_loss_fn(cfg, ref_cfg, ratio, config.z_loss,
                                              config.logits_chunk),
-                frozen_params=ref_params,
+                frozen_params=ref_params, base_params=start,
                 frozen_axes=param_axes(ref_cfg), on_eval=on_eval)
 
 
@@ -643,6 +645,9 @@ def pretrain_main(argv: list[str]) -> int:
     notice = synthetic_notice(fv.config)
     if notice:
         print(notice, file=sys.stderr)
+    if fv.allow_tokenizer_mismatch:  # read by train.loop.start_from_checkpoint (init_from)
+        with fv.config.unlocked():
+            fv.config.allow_tokenizer_mismatch = True
     from hibari.train.distributed import initialize
     initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     from hibari.train.loop import train
