@@ -113,6 +113,14 @@ def test_lora_sft_run_trains_adapters_only_and_loads_merged(tmp_path, base):
     assert any(float(jnp.abs(x["b"]).max()) > 0 for x in
                jax.tree.leaves(run.state.params, is_leaf=lambda x: isinstance(x, dict)
                                and "b" in x))
+    # resuming it with another LoRA config (or without LoRA) is refused, naming the fields
+    changed = lora_config(tmp_path, base, steps=3, sft=True)
+    changed.lora.rank = 8
+    with pytest.raises(TrainConfigError, match=r"different lora config \(fields \['rank'\]"):
+        train(changed, workdir, tasks.sft_task(changed))
+    changed.lora.enabled, changed.lora.rank = False, 4
+    with pytest.raises(TrainConfigError, match=r"different lora config \(fields \['enabled'\]"):
+        train(changed, workdir, tasks.sft_task(changed))
     # the run reads back as base + adapters, merged
     record = json.loads((workdir / LORA_RUN).read_text())
     assert record["bases"][""]["checkpoint"] == str(Path(base).absolute())

@@ -199,18 +199,24 @@ def start_from_checkpoint(config: ml_collections.ConfigDict, task: Task) -> Task
 
 
 def _check_resumable(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """A workdir's saved model config must equal the new one (other fields may change)."""
+    """A workdir's saved model config, and its LoRA config when either run uses LoRA, must
+    equal the new one (other fields may change)."""
     path = workdir / "config.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text()).get("model", {})
-    new = config.model.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        raise TrainConfigError(
-            f"{path}: this workdir was trained with a different model config (fields {changed}: "
-            f"{[(old.get(k), new.get(k)) for k in changed]}); use a new --workdir or the old "
-            "config")
+    saved = json.loads(path.read_text())
+    for section in ("model", "lora"):
+        old, new = saved.get(section) or {}, config.get(section)
+        new = new.to_dict() if new is not None else {}
+        if section == "lora" and not (old.get("enabled") or new.get("enabled")):
+            continue
+        new = {k: list(v) if isinstance(v, tuple) else v for k, v in new.items()}
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise TrainConfigError(
+                f"{path}: this workdir was trained with a different {section} config (fields "
+                f"{changed}: {[(old.get(k), new.get(k)) for k in changed]}); use a new "
+                "--workdir or the old config")
 
 
 # ---------------------------------------------------------------------------------------------
