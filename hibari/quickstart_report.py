@@ -95,7 +95,7 @@ def training_plot(plan, stage: str, records: list[dict], unigram: float | None =
     if not records:
         return None
     loss = [("train loss", *metric_series(records, "loss"), "-"),
-            ("held-out loss", *metric_series(records, "eval_loss"), "o-")]
+            ("held-out loss", *metric_series(records, heldout_key(records)), "o-")]
     panels = [("DPO loss, -log sigmoid(reward margin)" if stage == "dpo" else "loss (nats/token)",
                loss)]
     if stage == "dpo":
@@ -191,7 +191,7 @@ def stage_effects(records: dict[str, Any]) -> dict:
                if name.startswith("heldout_")} for m, s in models.items()}
     pre = (records.get("pretrain") or {}).get("result")
     if pre:
-        effects["pretrain"] = {"loss": pre.get("eval_loss"),
+        effects["pretrain"] = {"loss": pre.get("eval_nll", pre.get("eval_loss")),
                                "unigram_loss": pre.get("unigram_eval_loss")}
         if ev and "pretrain" in bpb:
             effects["pretrain"]["bpb"] = {
@@ -409,6 +409,12 @@ def data_section(plan, record) -> list[Block]:
     return blocks
 
 
+def heldout_key(records: list[dict]) -> str:
+    """"eval_nll" when the run selected tokens (Rho-1: its "eval_loss" counts only the kept
+    tokens, "eval_nll" every token, comparable with an all-token run), else "eval_loss"."""
+    return "eval_nll" if any("eval_nll" in r for r in records) else "eval_loss"
+
+
 def _final(records: list[dict], key: str):
     xs = [r[key] for r in records if isinstance(r.get(key), (int, float))]
     return xs[-1] if xs else None
@@ -455,7 +461,7 @@ def training_section(plan, stage: str, record, title: str, unigram=None, start=N
                         f"{record['seconds']:.0f} s. Run directory `{plan.dir(stage)}` "
                         "(checkpoints, `metrics.jsonl`, TensorBoard events in `tb/`)."))
     rows = [["final train loss", _f(_final(metrics, "loss"))],
-            ["final held-out loss", _f(_final(metrics, "eval_loss"))]]
+            ["final held-out loss", _f(_final(metrics, heldout_key(metrics)))]]
     if unigram is not None:
         rows.append(["unigram baseline, held-out (nats/token)", _f(unigram)])
     if start is not None:

@@ -274,3 +274,11 @@ def _ci_prompts():
     from hibari.quickstart import load_plan as lp
     qc = lp(CI_CONFIG, "unused").qc
     return list(qc.prompts.text) + list(qc.prompts.instruction)
+
+
+def test_report_reads_the_all_token_heldout_loss_of_a_token_selection_run():
+    from hibari.quickstart_report import _final, heldout_key
+    plain = [{"step": 5, "eval_loss": 3.0}]
+    selective = [{"step": 5, "eval_loss": 2.0, "eval_nll": 3.5}]  # kept tokens vs all tokens
+    assert _final(plain, heldout_key(plain)) == 3.0
+    assert _final(selective, heldout_key(selective)) == 3.5
