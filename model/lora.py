@@ -35,11 +35,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import json
 import math
-import os
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -54,9 +51,6 @@ LORA_RANK = "lora_rank"  # the logical axis name of the rank dimension (no mesh 
 BLOCK_MODULES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
 N_IN = {"attn/o": 2}  # input dims of a block kernel (the others: 1)
 INITS = ("kaiming", "gaussian")
-LORA_CONFIG = "lora_config.json"  # files of a hibari adapter export (`save_adapters`)
-BASE_CONFIG = "base_model_config.json"
-ADAPTERS = "adapters"
 
 
 class LoraConfigError(UserError, ValueError):
@@ -340,61 +334,6 @@ def count_lora_params(adapters) -> int:
     return sum(x.size for x in jax.tree.leaves(adapters))
 
 
-# ---------------------------------------------------------------------------------------------
-# A hibari adapter export: lora_config.json + base_model_config.json + adapters/ (orbax)
-# ---------------------------------------------------------------------------------------------
-
-def save_adapters(directory: str | os.PathLike, cfg: ModelConfig, lora_cfg: LoraConfig,
-                  adapters) -> Path:
-    """Write `directory/{lora_config.json, base_model_config.json, adapters/, checksums.json}`
-    (refuses to overwrite). The base model's config is recorded to check shapes on load."""
-    import orbax.checkpoint as ocp
-
-    from hibari.model.params_io import CHECKSUMS, CheckpointError, tree_checksums
-    directory = Path(directory).absolute()
-    if (directory / ADAPTERS).exists():
-        raise CheckpointError(f"{directory}/{ADAPTERS} already exists; choose a new --out "
-                              "directory or delete the old one")
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / ADAPTERS, adapters)
-    (directory / CHECKSUMS).write_text(json.dumps({"params": tree_checksums(adapters)}))
-    (directory / LORA_CONFIG).write_text(json.dumps(lora_cfg.to_dict(), indent=2) + "\n")
-    (directory / BASE_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    return directory
-
-
-def load_adapters(directory: str | os.PathLike, cfg: ModelConfig, shardings=None):
-    """(lora_cfg, adapters) of a `save_adapters` directory, for the base model `cfg` (the
-    recorded base config must agree on shapes; scanned/unscanned may differ)."""
-    from hibari.base.errors import InputNotFound
-    from hibari.model.params_io import CheckpointError, restore_verified
-    directory = Path(directory).absolute()
-    if not (directory / LORA_CONFIG).is_file():
-        raise InputNotFound(f"{directory}: no {LORA_CONFIG}; pass a directory written by "
-                            "save_adapters / `hibari lora import`")
-    try:
-        lora_cfg = lora_config_from_dict(json.loads((directory / LORA_CONFIG).read_text()),
-                                         where=str(directory / LORA_CONFIG))
-        base = ModelConfig.from_dict(json.loads((directory / BASE_CONFIG).read_text()),
-                                     where=str(directory / BASE_CONFIG))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory}: cannot read the adapter configs ({e})") from e
-    shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                    "d_ff", "mlp")
-    differ = [f for f in shape_fields if getattr(base, f) != getattr(cfg, f)]
-    if differ:
-        raise CheckpointError(
-            f"{directory / BASE_CONFIG}: the adapters were made for a different model ("
-            + ", ".join(f"{f}={getattr(base, f)} vs {getattr(cfg, f)}" for f in differ)
-            + "); pass the base checkpoint they were trained on")
-    shapes = jax.eval_shape(lambda k: lora_params(base, lora_cfg, k), jax.random.key(0))
-    adapters = relayout(restore_verified(directory / ADAPTERS, shapes), base, cfg)
-    if shardings is not None:
-        adapters = jax.device_put(adapters, shardings)
-    return lora_cfg, adapters
-
-
 def relayout(adapters, saved: ModelConfig, cfg: ModelConfig):
     """Adapters of a `saved`-layout model (scanned or not) in `cfg`'s layout."""
     if saved.scan_layers == cfg.scan_layers:
@@ -407,12 +346,8 @@ def relayout(adapters, saved: ModelConfig, cfg: ModelConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# A training run with config.lora: its checkpoints hold the trainable tree (adapters in place of
-# each adapted Transformer); lora.json names the frozen base of each
+# Paths into parameter trees
 # ---------------------------------------------------------------------------------------------
-
-LORA_RUN = "lora.json"
-
 
 def subtree(tree, path: str):
     """tree at `path` ("a/b"; "" is the whole tree)."""
@@ -425,56 +360,3 @@ def replace_subtree(tree, path: str, value):
         return value
     head, _, rest = path.partition("/")
     return {**tree, head: replace_subtree(tree[head], rest, value)}
-
-
-def write_lora_record(run_dir: str | os.PathLike, lora_cfg: LoraConfig,
-                      bases: dict[str, tuple[str, ModelConfig]]) -> None:
-    """Record in `run_dir/lora.json` which subtrees of the run's parameters are adapters, the
-    LoRA config, and each one's base checkpoint and model config (`bases`: path -> (checkpoint,
-    cfg)), so `load_params` / `restore_run_params` can rebuild the merged model."""
-    from hibari.base.files import write_atomic
-    record = {"lora": lora_cfg.to_dict(),
-              "bases": {path: {"checkpoint": str(Path(ckpt).absolute()), "model": cfg.to_dict()}
-                        for path, (ckpt, cfg) in bases.items()}}
-    write_atomic(Path(run_dir) / LORA_RUN, json.dumps(record, indent=2) + "\n")
-
-
-def read_lora_record(run_dir: str | os.PathLike
-                     ) -> tuple[LoraConfig, dict[str, tuple[str, ModelConfig]]] | None:
-    """(lora_cfg, {path: (base checkpoint, base cfg)}) of a LoRA training run; None for others."""
-    from hibari.model.params_io import CheckpointError
-    path = Path(run_dir) / LORA_RUN
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        lora_cfg = lora_config_from_dict(record["lora"], where=str(path))
-        bases = {p: (b["checkpoint"], ModelConfig.from_dict(b["model"], where=str(path)))
-                 for p, b in record["bases"].items()}
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the LoRA record ({type(e).__name__}: {e})"
-                              ) from e
-    return lora_cfg, bases
-
-
-def trainable_shapes(shapes, lora_cfg: LoraConfig, bases: dict[str, tuple[str, ModelConfig]]):
-    """The checkpointed tree of a LoRA run whose full parameter tree is `shapes`."""
-    for path, (_, cfg) in bases.items():
-        adapters = jax.eval_shape(lambda k, c=cfg: lora_params(c, lora_cfg, k),
-                                  jax.random.key(0))
-        shapes = replace_subtree(shapes, path, adapters)
-    return shapes
-
-
-def merge_run(trainable, lora_cfg: LoraConfig, bases: dict[str, tuple[str, ModelConfig]]):
-    """The full, merged parameter tree of a LoRA run's checkpointed `trainable` tree: each
-    base read back (`load_params`, LoRA runs included) and its adapters folded in."""
-    from hibari.model.params_io import CheckpointError, load_params
-    for path, (checkpoint, cfg) in bases.items():
-        base_cfg, base = load_params(checkpoint)
-        if param_shapes(base_cfg) != param_shapes(cfg):
-            raise CheckpointError(f"{checkpoint}: the LoRA run's base no longer matches the "
-                                  "model it was trained on (another model was saved there?)")
-        adapters = jax.device_put(subtree(trainable, path), jax.devices()[0])
-        trainable = replace_subtree(trainable, path, apply_lora(base, adapters, lora_cfg))
-    return trainable

@@ -9,7 +9,7 @@
 BASE is any checkpoint `load_params` reads (params export, run, step or HF directory);
 With RUN, a run trained with config.lora, --adapters is not needed: the adapters are the
 run's newest good checkpoint and the base is the one its lora.json names.
-ADAPTERS is a hibari adapter export (`hibari.model.lora.save_adapters`: lora_config.json,
+ADAPTERS is a hibari adapter export (`hibari.model.params_io.save_adapters`: lora_config.json,
 base_model_config.json, adapters/). `merge` writes W + scale * A @ B into a params export that
 every command loads; tokenizer files lying in BASE's directory are copied beside it. `export`
 writes adapter_config.json + adapter_model.safetensors, which `peft.PeftModel.from_pretrained`
@@ -77,8 +77,7 @@ def _refuse_existing(out: Path, names) -> None:
 def _base_and_adapters(args):
     """(cfg, base params, lora_cfg, adapters, base path): --checkpoint + --adapters, or the
     LoRA run --checkpoint (its lora.json's base; args.adapters names the run after this)."""
-    from hibari.model.lora import load_adapters
-    from hibari.model.params_io import load_params
+    from hibari.model.params_io import load_adapters, load_params
     if args.adapters is None:
         return _run_adapters(args)
     cfg, params = load_params(args.checkpoint)
@@ -87,12 +86,13 @@ def _base_and_adapters(args):
 
 
 def _run_adapters(args):
-    from hibari.model.lora import read_lora_record, trainable_shapes
     from hibari.model.params_io import (
         load_params,
+        read_lora_record,
         resolve_checkpoint,
         restore_newest_good,
         restore_verified,
+        trainable_shapes,
     )
     from hibari.model.transformer import param_shapes
     kind, where, _ = resolve_checkpoint(args.checkpoint)
@@ -159,7 +159,7 @@ def _export(args) -> None:
 
 
 def _import(args) -> None:
-    from hibari.model.lora import ADAPTERS, save_adapters
+    from hibari.model.params_io import ADAPTERS, save_adapters
     from hibari.model.peft import import_peft
     out = Path(args.out)
     _refuse_existing(out, (ADAPTERS,))

@@ -20,6 +20,15 @@ import orbax.checkpoint as ocp
 
 from hibari.base.errors import InputNotFound, UserError
 from hibari.model.config import ModelConfig
+from hibari.model.lora import (
+    LoraConfig,
+    apply_lora,
+    lora_config_from_dict,
+    lora_params,
+    relayout,
+    replace_subtree,
+    subtree,
+)
 from hibari.model.transformer import param_shapes
 
 PARAMS_CONFIG = "model_config.json"
@@ -183,9 +192,8 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, A
         return cfg, params
     run_dir = Path(path).absolute()
     if kind == "step":
-        lora = _lora_run(where.parent.parent.parent)
+        lora = read_lora_record(where.parent.parent.parent)
         if lora is not None:  # a LoRA run: its adapters folded into its base
-            from hibari.model.lora import merge_run, trainable_shapes
             shapes = trainable_shapes(param_shapes(cfg), *lora)
             tree = (restore_newest_good(run_dir, shapes) if where.parent.parent ==
                     run_dir / "checkpoints" else restore_verified(where, shapes))
@@ -194,11 +202,6 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[ModelConfig, A
     if kind == "step" and where.parent.parent == run_dir / "checkpoints":
         return cfg, restore_newest_good(run_dir, param_shapes(cfg), shardings)
     return cfg, restore_verified(where, param_shapes(cfg), shardings)
-
-
-def _lora_run(run_dir: Path):
-    from hibari.model.lora import read_lora_record
-    return read_lora_record(run_dir)
 
 
 def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
@@ -212,16 +215,14 @@ def restore_run_params(run_dir: str | os.PathLike, shapes_of: Callable[[ModelCon
     (e.g. a transformer plus a head): the given step, or the newest one that verifies."""
     run_dir = Path(run_dir).absolute()
     cfg = model_config_of_run(run_dir)
-    shapes, lora = shapes_of(cfg), _lora_run(run_dir)
+    shapes, lora = shapes_of(cfg), read_lora_record(run_dir)
     if lora is not None:  # a LoRA run: checkpoints hold adapters in place of each transformer
-        from hibari.model.lora import trainable_shapes
         shapes = trainable_shapes(shapes, *lora)
     if step is not None:
         tree = restore_verified(run_dir / "checkpoints" / str(step) / "params", shapes)
     else:
         tree = restore_newest_good(run_dir, shapes)
     if lora is not None:
-        from hibari.model.lora import merge_run
         tree = merge_run(tree, *lora)
     return cfg, tree
 
@@ -295,3 +296,119 @@ def error_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split())
     return text.split(" See full TensorStore details")[0][:limit]
 
+
+LORA_CONFIG = "lora_config.json"  # files of a hibari adapter export (`save_adapters`)
+BASE_CONFIG = "base_model_config.json"
+ADAPTERS = "adapters"
+
+
+# ---------------------------------------------------------------------------------------------
+# A hibari adapter export: lora_config.json + base_model_config.json + adapters/ (orbax)
+# ---------------------------------------------------------------------------------------------
+
+def save_adapters(directory: str | os.PathLike, cfg: ModelConfig, lora_cfg: LoraConfig,
+                  adapters) -> Path:
+    """Write `directory/{lora_config.json, base_model_config.json, adapters/, checksums.json}`
+    (refuses to overwrite). The base model's config is recorded to check shapes on load."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if (directory / ADAPTERS).exists():
+        raise CheckpointError(f"{directory}/{ADAPTERS} already exists; choose a new --out "
+                              "directory or delete the old one")
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / ADAPTERS, adapters)
+    (directory / CHECKSUMS).write_text(json.dumps({"params": tree_checksums(adapters)}))
+    (directory / LORA_CONFIG).write_text(json.dumps(lora_cfg.to_dict(), indent=2) + "\n")
+    (directory / BASE_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return directory
+
+
+def load_adapters(directory: str | os.PathLike, cfg: ModelConfig, shardings=None):
+    """(lora_cfg, adapters) of a `save_adapters` directory, for the base model `cfg` (the
+    recorded base config must agree on shapes; scanned/unscanned may differ)."""
+    from hibari.base.errors import InputNotFound
+    directory = Path(directory).absolute()
+    if not (directory / LORA_CONFIG).is_file():
+        raise InputNotFound(f"{directory}: no {LORA_CONFIG}; pass a directory written by "
+                            "save_adapters / `hibari lora import`")
+    try:
+        lora_cfg = lora_config_from_dict(json.loads((directory / LORA_CONFIG).read_text()),
+                                         where=str(directory / LORA_CONFIG))
+        base = ModelConfig.from_dict(json.loads((directory / BASE_CONFIG).read_text()),
+                                     where=str(directory / BASE_CONFIG))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory}: cannot read the adapter configs ({e})") from e
+    shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                    "d_ff", "mlp")
+    differ = [f for f in shape_fields if getattr(base, f) != getattr(cfg, f)]
+    if differ:
+        raise CheckpointError(
+            f"{directory / BASE_CONFIG}: the adapters were made for a different model ("
+            + ", ".join(f"{f}={getattr(base, f)} vs {getattr(cfg, f)}" for f in differ)
+            + "); pass the base checkpoint they were trained on")
+    shapes = jax.eval_shape(lambda k: lora_params(base, lora_cfg, k), jax.random.key(0))
+    adapters = relayout(restore_verified(directory / ADAPTERS, shapes), base, cfg)
+    if shardings is not None:
+        adapters = jax.device_put(adapters, shardings)
+    return lora_cfg, adapters
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run with config.lora: its checkpoints hold the trainable tree (adapters in place of
+# each adapted Transformer); lora.json names the frozen base of each
+# ---------------------------------------------------------------------------------------------
+
+LORA_RUN = "lora.json"
+
+
+def write_lora_record(run_dir: str | os.PathLike, lora_cfg: LoraConfig,
+                      bases: dict[str, tuple[str, ModelConfig]]) -> None:
+    """Record in `run_dir/lora.json` which subtrees of the run's parameters are adapters, the
+    LoRA config, and each one's base checkpoint and model config (`bases`: path -> (checkpoint,
+    cfg)), so `load_params` / `restore_run_params` can rebuild the merged model."""
+    from hibari.base.files import write_atomic
+    record = {"lora": lora_cfg.to_dict(),
+              "bases": {path: {"checkpoint": str(Path(ckpt).absolute()), "model": cfg.to_dict()}
+                        for path, (ckpt, cfg) in bases.items()}}
+    write_atomic(Path(run_dir) / LORA_RUN, json.dumps(record, indent=2) + "\n")
+
+
+def read_lora_record(run_dir: str | os.PathLike
+                     ) -> tuple[LoraConfig, dict[str, tuple[str, ModelConfig]]] | None:
+    """(lora_cfg, {path: (base checkpoint, base cfg)}) of a LoRA training run; None for others."""
+    path = Path(run_dir) / LORA_RUN
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        lora_cfg = lora_config_from_dict(record["lora"], where=str(path))
+        bases = {p: (b["checkpoint"], ModelConfig.from_dict(b["model"], where=str(path)))
+                 for p, b in record["bases"].items()}
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the LoRA record ({type(e).__name__}: {e})"
+                              ) from e
+    return lora_cfg, bases
+
+
+def trainable_shapes(shapes, lora_cfg: LoraConfig, bases: dict[str, tuple[str, ModelConfig]]):
+    """The checkpointed tree of a LoRA run whose full parameter tree is `shapes`."""
+    for path, (_, cfg) in bases.items():
+        adapters = jax.eval_shape(lambda k, c=cfg: lora_params(c, lora_cfg, k),
+                                  jax.random.key(0))
+        shapes = replace_subtree(shapes, path, adapters)
+    return shapes
+
+
+def merge_run(trainable, lora_cfg: LoraConfig, bases: dict[str, tuple[str, ModelConfig]]):
+    """The full, merged parameter tree of a LoRA run's checkpointed `trainable` tree: each
+    base read back (`load_params`, LoRA runs included) and its adapters folded in."""
+    for path, (checkpoint, cfg) in bases.items():
+        base_cfg, base = load_params(checkpoint)
+        if param_shapes(base_cfg) != param_shapes(cfg):
+            raise CheckpointError(f"{checkpoint}: the LoRA run's base no longer matches the "
+                                  "model it was trained on (another model was saved there?)")
+        adapters = jax.device_put(subtree(trainable, path), jax.devices()[0])
+        trainable = replace_subtree(trainable, path, apply_lora(base, adapters, lora_cfg))
+    return trainable

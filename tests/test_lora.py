@@ -18,16 +18,20 @@ from hibari.model.lora import (
     LoraConfig,
     LoraConfigError,
     apply_lora,
-    load_adapters,
     lora_apply,
     lora_axes,
     lora_config_from_dict,
     lora_hidden,
     lora_params,
-    save_adapters,
 )
 from hibari.model.lora_cli import lora_main
-from hibari.model.params_io import CheckpointError, load_params, save_params
+from hibari.model.params_io import (
+    CheckpointError,
+    load_adapters,
+    load_params,
+    save_adapters,
+    save_params,
+)
 from hibari.model.peft import PeftFormatError, export_peft, import_peft
 
 TINY = ModelConfig(vocab_size=97, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,

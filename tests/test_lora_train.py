@@ -17,9 +17,9 @@ from hibari.align.reward import load_reward_model
 from hibari.base.resources import resource_path
 from hibari.configs.base import align_config
 from hibari.model import init
-from hibari.model.lora import LORA_RUN, apply_lora, count_lora_params, lora_params
+from hibari.model.lora import LoraConfigError, apply_lora, count_lora_params, lora_params
 from hibari.model.lora_cli import lora_main
-from hibari.model.params_io import load_params, save_params
+from hibari.model.params_io import LORA_RUN, load_params, save_params
 from hibari.train.loop import TrainConfigError, build, model_config, train
 from hibari.train.sharding import global_batch
 
@@ -236,7 +236,7 @@ def test_lora_grpo_and_continued_pretraining_run(tmp_path, base):
 def test_lora_without_a_base_is_a_one_line_error(tmp_path):
     c = align_config("t", steps=1)
     c.lora.enabled = True
-    with pytest.raises(TrainConfigError, match="config.init_from"):
+    with pytest.raises(LoraConfigError, match="config.init_from"):
         build(c, None, tasks.sft_task(c))
     c.init_from, c.lora.rank = "", 0
     with pytest.raises(Exception, match="config.lora.rank"):

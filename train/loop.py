@@ -36,7 +36,7 @@ from hibari.base.files import write_atomic
 from hibari.base.progress import progress_bar
 from hibari.base.runlock import DirLock
 from hibari.model import ModelConfig, flops_per_token, init, param_axes
-from hibari.model.lora import write_lora_record
+from hibari.model.params_io import write_lora_record
 from hibari.train.checkpoint import Checkpointer
 from hibari.train.lora import bases_record, lora_task
 from hibari.train.losses import lm_loss_fn

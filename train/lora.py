@@ -23,7 +23,7 @@ Checkpoints hold the trainable tree only; `lora.json` in the workdir names each 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 
@@ -39,9 +39,6 @@ from hibari.model.lora import (
     replace_subtree,
     subtree,
 )
-
-if TYPE_CHECKING:
-    from hibari.train.loop import Task
 
 DROPOUT_STREAM = 0x10A  # folded into a step's key for the adapters' dropout masks
 
@@ -125,16 +122,16 @@ class LoraView:
         return out
 
 
-def lora_task(task: Task, config, cfg: ModelConfig) -> Task:
+def lora_task(task, config, cfg: ModelConfig):
     """`task` training LoRA adapters when config.lora.enabled (else `task` itself). The task
     must start from loaded parameters (config.init_from); its loss, evaluation loss and
-    on_eval are wrapped; a task with its own step (RL) reads `Task.lora` itself."""
-    from hibari.train.loop import TrainConfigError
+    on_eval are wrapped; a task with its own step (RL) reads `Task.lora` itself. `task` is a
+    hibari.train.loop.Task (which imports this module). Config errors are LoraConfigError."""
     lora_cfg = lora_config_of(config)
     if lora_cfg is None or task.lora is not None:
         return task
     if task.base_params is None or not (config.get("init_from") or task.lora_bases):
-        raise TrainConfigError("config.lora.enabled: LoRA trains adapters on a frozen base "
+        raise LoraConfigError("config.lora.enabled: LoRA trains adapters on a frozen base "
                                "model; set --config.init_from=CKPT (a run, params export or "
                                "HF directory)")
     models = tuple((task.transformers or {"": cfg}).items())
@@ -142,7 +139,7 @@ def lora_task(task: Task, config, cfg: ModelConfig) -> Task:
         for _, model in models:
             lora_axes(model, lora_cfg)  # e.g. a gate target on a model without a gated MLP
     except LoraConfigError as e:
-        raise TrainConfigError(str(e).replace("lora.", "config.lora.", 1)) from None
+        raise LoraConfigError(str(e).replace("lora.", "config.lora.", 1)) from None
     start_refs = task.frozen_from_start if task.frozen_params is not None else None
     view = LoraView(lora_cfg, models, tuple((start_refs or {}).items()))
     key = jax.random.fold_in(jax.random.key(config.seed), 5)
@@ -178,7 +175,7 @@ def _wrap_loss(loss_fn, view: LoraView, train: bool):
     return lora_loss
 
 
-def bases_record(task: Task, config) -> dict[str, tuple[str, Any]]:
+def bases_record(task, config) -> dict[str, tuple[str, Any]]:
     """path -> (base checkpoint, cfg) for `hibari.model.lora.write_lora_record`."""
     paths = task.lora_bases or {}
     return {path: (paths.get(path) or config.init_from, cfg) for path, cfg in task.lora.models}
