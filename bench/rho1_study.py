@@ -16,7 +16,22 @@ Held-out: the documents the data stage held out (never trained on, by any of the
 whole by the evaluation harness (`hibari.evaluation.neurons.score_texts`); standard errors over
 documents (delta method), and of the paired difference to the all-token run.
 
-Measured 2026-12-01 (2-core CPU shared with other jobs, `--mode live`, `--steps 100`: 1.4M
+Measured 2026-12-01 (2-core CPU shared with other jobs, `--mode live`), the default 300 steps
+(4.3M tokens per run, the quickstart's pretraining; about 8.5 min per run), bits/byte ± s.e.
+over documents, the change paired with the all-token run:
+
+| run (300 steps) | en bits/byte | en vs all tokens | ja bits/byte | ja vs all tokens |
+|---|---|---|---|---|
+| all tokens | 1.9109 ± 0.0617 |  | 1.5377 ± 0.0506 |  |
+| top 60% (Rho-1) | 1.9081 ± 0.0689 | -0.0028 ± 0.0120 | 1.5214 ± 0.0521 | -0.0164 ± 0.0043 |
+| reference (curated subset) | 1.8989 ± 0.0696 | -0.0120 ± 0.0162 | 1.4927 ± 0.0518 | -0.0450 ± 0.0061 |
+
+    python bench/rho1_study.py --quickstart /tmp/qs_rho1 --out /tmp/rho1_study300
+
+Top 60% leaves en unchanged (-0.003 ± 0.012) and improves ja (-0.016 ± 0.004); the curated
+reference itself is better still on ja (-0.045 ± 0.006).
+
+And with `--steps 100` (1.4M
 tokens per run, a third of the quickstart's 300 steps, for CPU time), bits/byte ± s.e. over
 documents (en 23, ja 33 held-out documents); the change is paired with the all-token run:
 
