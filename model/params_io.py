@@ -3,7 +3,10 @@
 A parameters-only checkpoint (`save_params`, `hibari convert --out`) is a directory with
 `model_config.json` and `params/`. `load_params` reads it, a training run directory (the newest
 finished `checkpoints/<step>/params`, the model config from `config.json`; hibari.train writes
-both), a single step directory, or a Hugging Face directory.
+both), a single step directory, or a Hugging Face directory. A run trained with config.lora
+(its `lora.json`) reads as its base with the adapters merged in. LoRA adapter exports
+(`save_adapters` / `load_adapters`: lora_config.json + base_model_config.json + adapters/) live
+here too; the adapter math is hibari.model.lora.
 """
 from __future__ import annotations
 
@@ -310,8 +313,6 @@ def save_adapters(directory: str | os.PathLike, cfg: ModelConfig, lora_cfg: Lora
                   adapters) -> Path:
     """Write `directory/{lora_config.json, base_model_config.json, adapters/, checksums.json}`
     (refuses to overwrite). The base model's config is recorded to check shapes on load."""
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).absolute()
     if (directory / ADAPTERS).exists():
         raise CheckpointError(f"{directory}/{ADAPTERS} already exists; choose a new --out "
@@ -328,7 +329,6 @@ def save_adapters(directory: str | os.PathLike, cfg: ModelConfig, lora_cfg: Lora
 def load_adapters(directory: str | os.PathLike, cfg: ModelConfig, shardings=None):
     """(lora_cfg, adapters) of a `save_adapters` directory, for the base model `cfg` (the
     recorded base config must agree on shapes; scanned/unscanned may differ)."""
-    from hibari.base.errors import InputNotFound
     directory = Path(directory).absolute()
     if not (directory / LORA_CONFIG).is_file():
         raise InputNotFound(f"{directory}: no {LORA_CONFIG}; pass a directory written by "
