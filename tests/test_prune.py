@@ -298,14 +298,16 @@ def test_prune_command_writes_a_checkpoint_hibari_eval_reads(tmp_path, capsys):
 def test_wanda_beats_magnitude_beats_random_on_a_small_trained_model():
     """A 2-layer d=32 model trained for 320 steps (330k tokens) on the bundled English corpus,
     pruned to 50% per output unit, Wanda calibrated on 8k tokens of other documents; held-out
-    loss on a third set of documents: dense < wanda < magnitude < random.
+    loss on a third set of documents: dense < wanda, magnitude < random, and wanda within the
+    measured seed spread of magnitude.
 
     Measured while writing this (same data and schedule): random is always far behind
     (+0.3 nats), but Wanda vs magnitude is close at this size: per output, Wanda won for init
     seeds 0 and 2 and lost for seed 1, by <= 0.02 nats (per layer: won for 0 and 1, lost for
     2); a d=48 model lost by 0.006, a d=64 one trained on 4x the tokens per step won by 0.011.
     Tiny models have few outlier input features, which are what Wanda's ||X_i|| exploits; the
-    test pins seed 0 and checks the ordering the method promises, not its size."""
+    test pins seed 0 and checks that both beat random and that Wanda stays within that spread
+    of magnitude, not a strict lead the method does not promise at this size."""
     import optax
 
     from hibari.train.losses import lm_loss_fn
@@ -343,4 +345,9 @@ def test_wanda_beats_magnitude_beats_random_on_a_small_trained_model():
     loss = {m: heldout(prune_params(cfg, params, method=m, sparsity=0.5, statistics=stats)[0])
             for m in ("wanda", "magnitude", "random")}
     assert dense < 4.6  # it did learn (a uniform guess: ln 1000 = 6.9)
-    assert dense < loss["wanda"] < loss["magnitude"] < loss["random"], (dense, loss)
+    assert dense < loss["wanda"] < loss["random"] and loss["magnitude"] < loss["random"], \
+        (dense, loss)
+    # Wanda vs magnitude at this size is within the seed-to-seed spread measured above
+    # (<= 0.02 nats either way; seed 0 gave Wanda the lead where this was written and lost it
+    # by 0.003 nats in a fresh environment on 2026-12-01): no worse than that spread
+    assert loss["wanda"] < loss["magnitude"] + 0.02, (dense, loss)
