@@ -252,6 +252,24 @@ def recorded_tokenizer(checkpoint_path: str | os.PathLike) -> dict | None:
     return None
 
 
+def check_data_tokenizer(config, checkpoint: str, *, label: str, fix: str,
+                         allow: bool = False) -> None:
+    """The tokenizer recorded for `checkpoint` (a hibari run) must be the one a training
+    config's data use (`tokenizer_record`); nothing to check when either has none (synthetic
+    data, GGUF / HF / params exports). A mismatch raises TokenizerMismatch ("`label` was
+    trained with ...: `fix`"), or with `allow` logs one warning."""
+    ours = tokenizer_record(config)
+    theirs = recorded_tokenizer(checkpoint) if not str(checkpoint).endswith(".gguf") else None
+    if ours is None or theirs is None or ours["sha256"] == theirs["sha256"]:
+        return
+    message = (f"{label} was trained with tokenizer {theirs.get('path')} (sha256 "
+               f"{theirs['sha256'][:12]}) but this run's data use {ours.get('path')} (sha256 "
+               f"{ours['sha256'][:12]})")
+    if not allow:
+        raise TokenizerMismatch(f"{message}: {fix}")
+    log.warning("%s (--allow-tokenizer-mismatch given: going on)", message)
+
+
 def check_tokenizer_record(checkpoint: str | os.PathLike, tokenizer_path: str | os.PathLike, *,
                            allow: bool = False, checkpoint_label: str | None = None,
                            tokenizer_label: str = "the tokenizer used",

@@ -324,19 +324,11 @@ def check_reference_tokenizer(config, reference: str, allow: bool = False) -> No
     """The tokenizer recorded for `reference` (a hibari run) must be the run's own (its
     tokenizer record: config.data.tokenizer or the packed manifest); nothing to check when
     either has none (synthetic data, GGUF / HF / params exports)."""
-    from hibari.data.tokenizer import TokenizerMismatch, recorded_tokenizer, tokenizer_record
-    ours = tokenizer_record(config)
-    theirs = recorded_tokenizer(reference) if not reference.endswith(".gguf") else None
-    if ours is None or theirs is None or ours["sha256"] == theirs["sha256"]:
-        return
-    message = (f"{SELECTION}.reference={reference!r} was trained with tokenizer "
-               f"{theirs.get('path')} (sha256 {theirs['sha256'][:12]}) but this run's data use "
-               f"{ours.get('path')} (sha256 {ours['sha256'][:12]})")
-    if not allow:
-        raise TokenizerMismatch(f"{message}: its token losses score other pieces; use a "
-                                "reference trained with this tokenizer, or "
-                                "--allow-tokenizer-mismatch to go on anyway")
-    logging.getLogger(__name__).warning("%s (--allow-tokenizer-mismatch given: going on)", message)
+    from hibari.data.tokenizer import check_data_tokenizer
+    check_data_tokenizer(config, reference, label=f"{SELECTION}.reference={reference!r}",
+                         fix="its token losses score other pieces; use a reference trained "
+                             "with this tokenizer, or --allow-tokenizer-mismatch to go on anyway",
+                         allow=allow)
 
 
 def heldout_nll(config, cfg) -> Callable:

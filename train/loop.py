@@ -182,16 +182,12 @@ def start_from_checkpoint(config: ml_collections.ConfigDict, task: Task) -> Task
     if not init_from or task.base_params is not None or task.init_params is not None \
             or task.make_step is not None:
         return task
-    from hibari.data.tokenizer import TokenizerMismatch, recorded_tokenizer, tokenizer_record
+    from hibari.data.tokenizer import check_data_tokenizer
     from hibari.model.params_io import load_params
-    ours, theirs = tokenizer_record(config), recorded_tokenizer(init_from)
-    if ours is not None and theirs is not None and ours["sha256"] != theirs["sha256"]:
-        message = (f"config.init_from={init_from} was trained with tokenizer "
-                   f"{theirs.get('path')} but this run's data use {ours.get('path')}")
-        if not config.get("allow_tokenizer_mismatch", False):
-            raise TokenizerMismatch(f"{message}: continue pretraining on data encoded with "
-                                    "its tokenizer, or pass --allow-tokenizer-mismatch")
-        log.warning("%s (--allow-tokenizer-mismatch given: going on)", message)
+    check_data_tokenizer(config, init_from, label=f"config.init_from={init_from}",
+                         fix="continue pretraining on data encoded with its tokenizer, or pass "
+                             "--allow-tokenizer-mismatch",
+                         allow=bool(config.get("allow_tokenizer_mismatch", False)))
     cfg, params = load_params(init_from)
     with config.unlocked():
         config.model = ml_collections.ConfigDict(cfg.to_dict())
