@@ -125,7 +125,9 @@ def _splash_kernel(h: int, t_pad: int, interpret: bool):
                           block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                           block_kv_dq=blk)
     mask = sm.MultiHeadMask([sm.CausalMask((t_pad, t_pad)) for _ in range(h)])
-    return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+    # Cached across traces: its mask-info arrays must be constants, not the first trace's tracers.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _splash(q, k, v, segment_ids, interpret: bool):

@@ -46,35 +46,52 @@ def out_and_grads(fn, q, k, v, cot):
 
 
 def compare(impl, b, t, h, kv, d, dtype, tol, interpret=None):
+    """Kernel (inputs in `dtype`) vs the XLA path in fp32 on the same values. fp32: elementwise
+    within tol; bf16: relative error norm over real rows within tol (bf16 rounds at 4e-3)."""
     q, k, v, cot, seg = inputs(b, t, h, kv, d, dtype)
-    ref = out_and_grads(lambda q, k, v: attend(q, k, v, attention_mask(seg, seg)), q, k, v, cot)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, cot)]
+    ref = out_and_grads(lambda q, k, v: attend(q, k, v, attention_mask(seg, seg)), *f32)
     got = out_and_grads(
         lambda q, k, v: segment_attention(q, k, v, seg, impl=impl, interpret=interpret),
         q, k, v, cot)
     real = np.asarray(seg) != 0
     assert int(real.sum()) < b * t and len(np.unique(np.asarray(seg))) > 4  # padding, many docs
     for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
-        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert g.shape == r.shape and g.dtype == dtype, name
         g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
         assert np.isfinite(g).all(), f"{impl} {name}: non-finite values (padding rows?)"
-        np.testing.assert_allclose(g[real], r[real], atol=tol, rtol=tol, err_msg=f"{impl} {name}")
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(g[real], r[real], atol=tol, rtol=tol,
+                                       err_msg=f"{impl} {name}")
+        else:
+            err = np.linalg.norm(g[real] - r[real]) / np.linalg.norm(r[real])
+            assert err < tol, f"{impl} {name}: relative error {err:.3g}"
 
 
+@pytest.mark.skipif(BACKEND != "cpu", reason="interpret mode is the CPU path")
 @pytest.mark.parametrize("impl", INTERPRETED)
 def test_interpret_kernel_matches_xla(impl):
     """t = 100 is not a multiple of any block: the kernels pad and drop the tail."""
     compare(impl, b=2, t=100, h=4, kv=2, d=16, dtype=jnp.float32, tol=2e-5)
 
 
+@pytest.mark.skipif(BACKEND != "cpu", reason="interpret mode is the CPU path")
 def test_pallas_gpu_short_rows():
     """t below the smallest Triton block (16) is padded up to it."""
     compare("pallas_gpu", b=3, t=13, h=4, kv=2, d=8, dtype=jnp.float32, tol=2e-5)
 
 
+@pytest.mark.skipif(BACKEND != "cpu", reason="interpret mode is the CPU path")
+def test_splash_bf16_interpret():
+    """bf16 inputs: q is scaled in fp32 before the kernel; errors near bf16 rounding (~3e-3)."""
+    compare("splash", b=2, t=128, h=4, kv=2, d=64, dtype=jnp.bfloat16, tol=3e-2)
+
+
 @pytest.mark.skipif(BACKEND != "gpu", reason="needs a GPU backend (bench/gpu_suite.sh runs it)")
 @pytest.mark.parametrize("impl", ("cudnn", "pallas_gpu"))
 def test_gpu_kernel_matches_xla_bf16(impl):
-    compare(impl, b=2, t=512, h=8, kv=2, d=64, dtype=jnp.bfloat16, tol=5e-2)
+    """t = 300: not a multiple of the Triton blocks (padded); cuDNN takes any t."""
+    compare(impl, b=2, t=300, h=8, kv=2, d=64, dtype=jnp.bfloat16, tol=3e-2)
 
 
 @pytest.mark.skipif(BACKEND != "cpu", reason="checks the errors a CPU backend gives")
