@@ -11,7 +11,8 @@ hibari's repetition rule counts Japanese characters (its own definition, nothing
 `--replicate K` repeats the document list K times (bigger timing runs).
 
 Speed: one process, one core, rounds interleaved (hibari, datatrove, datatrove, hibari, ...),
-best and median of `--rounds`; MB/s of UTF-8 input per core. Works: `gopher_quality` and
+best and median of `--rounds`; MB/s of UTF-8 input per core, by wall clock and by the process's
+CPU time (`time.process_time`, steadier on a shared machine). Works: `gopher_quality` and
 `gopher_repetition` (each filter on every English document) and `gopher_chain` (quality, then
 repetition on the documents quality keeps: how both pipelines run them). datatrove's word splits
 are cached per text (`lru_cache(5)`), so the chain tokenizes each document once; the cache is
@@ -273,7 +274,8 @@ def works(en: list[dict], all_docs: list[dict], dt: Datatrove | None) -> dict:
 
 
 def timings(work: dict, rounds: int, dt: Datatrove | None) -> dict:
-    """{work: {system: [seconds per round]}}, systems interleaved, their order alternating."""
+    """{work: {system: [(wall seconds, CPU seconds of this process) per round]}}, systems
+    interleaved, their order alternating."""
     times = {name: {s: [] for s in systems} for name, systems in work.items()}
     for r in range(rounds):
         for name, systems in work.items():
@@ -281,9 +283,9 @@ def timings(work: dict, rounds: int, dt: Datatrove | None) -> dict:
             for s in order:
                 if dt is not None:
                     dt.clear_cache()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 systems[s]()
-                times[name][s].append(time.perf_counter() - t)
+                times[name][s].append((time.perf_counter() - t, time.process_time() - c))
     return times
 
 
@@ -315,11 +317,13 @@ def main(argv=None) -> list[dict]:
     times = timings(works(timed_en, timed_all, dt), a.rounds, dt) if a.rounds > 0 else {}
     load = [round(x, 2) for x in os.getloadavg()]
     for name, systems in times.items():
-        for s, ts in systems.items():
+        for s, tc in systems.items():
+            ts, cs = [t for t, _ in tc], [c for _, c in tc]
             rows.append({"part": "data", "work": name, "system": s, "rounds": len(ts),
                          "best_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
                          "units_per_s": round(mb[name] / 1e6 / min(ts), 3), "unit": "MB/s",
                          "median_units_per_s": round(mb[name] / 1e6 / statistics.median(ts), 3),
+                         "best_cpu_s": round(min(cs), 4), "units_per_cpu_s": round(mb[name] / 1e6 / min(cs), 3),
                          "mb": round(mb[name] / 1e6, 3), "docs": len(timed_all if name.endswith("en_ja") else timed_en),
                          "datatrove_words": a.words if s == "datatrove" else None,
                          "device": env["device"], "versions": env["versions"], "load": load})
@@ -334,13 +338,16 @@ def main(argv=None) -> list[dict]:
           f"({bytes_of(en) / 1e6:.2f} MB); replicate {a.replicate}; datatrove words: {a.words}; "
           f"load {load}; {env['device']}; {env['versions']}")
     if times:
-        print("\n| work | system | MB/s per core (best) | median | hibari / datatrove |\n|---|---|---|---|---|")
+        print("\n| work | system | MB/s (best wall) | median | MB/s per CPU-second | hibari / datatrove (wall) |"
+              " per CPU-s |\n|---|---|---|---|---|---|---|")
         for name in times:
             by = {r["system"]: r for r in rows if r["work"] == name}
             for s, r in by.items():
-                ratio = (f"{r['units_per_s'] / by['datatrove']['units_per_s']:.2f}x"
-                         if s == "hibari" and "datatrove" in by else "")
-                print(f"| {name} | {s} | {r['units_per_s']:.2f} | {r['median_units_per_s']:.2f} | {ratio} |")
+                peer = by.get("datatrove") if s == "hibari" else None
+                ratio = f"{r['units_per_s'] / peer['units_per_s']:.2f}x" if peer else ""
+                cpu_ratio = f"{r['units_per_cpu_s'] / peer['units_per_cpu_s']:.2f}x" if peer else ""
+                print(f"| {name} | {s} | {r['units_per_s']:.2f} | {r['median_units_per_s']:.2f} | "
+                      f"{r['units_per_cpu_s']:.2f} | {ratio} | {cpu_ratio} |")
     if agree is not None:
         for name, g in agree.items():
             print(f"\n{name}: same decision on {fmt_rate(g['same'])} of {len(en)} English documents "
