@@ -32,10 +32,23 @@ LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
 EN_STOP_WORDS = frozenset("the be to of and that have with".split())  # Gopher's list
 
 
+# the same classes as code-point ranges: (first, last, script)
+SCRIPT_RANGES = sorted([(0x3041, 0x309F, "hiragana"), (0x30A0, 0x30FF, "katakana"), (0x31F0, 0x31FF, "katakana"),
+                        (0x3400, 0x4DBF, "han"), (0x4E00, 0x9FFF, "han"), (0xF900, 0xFAFF, "han"),
+                        (0xAC00, 0xD7AF, "hangul"), (0x1100, 0x11FF, "hangul"), (0x41, 0x5A, "latin"),
+                        (0x61, 0x7A, "latin"), (0xC0, 0x24F, "latin")])
+_RANGE_EDGES = np.array([e for lo, hi, _ in SCRIPT_RANGES for e in (lo, hi + 1)], dtype=np.uint32)
+_RANGE_SCRIPT = [name for _, _, name in SCRIPT_RANGES]
+
+
 def script_counts(text: str) -> dict[str, int]:
-    return {"hiragana": len(HIRAGANA.findall(text)), "katakana": len(KATAKANA.findall(text)),
-            "han": len(HAN.findall(text)), "hangul": len(HANGUL.findall(text)),
-            "latin": len(LATIN.findall(text))}
+    """Characters of each script (the classes above), counted over code points in one pass."""
+    counts = {"hiragana": 0, "katakana": 0, "han": 0, "hangul": 0, "latin": 0}
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    bins = np.bincount(np.searchsorted(_RANGE_EDGES, codes, side="right"), minlength=len(_RANGE_EDGES) + 1)
+    for i, name in enumerate(_RANGE_SCRIPT):  # odd bins lie inside a range
+        counts[name] += int(bins[2 * i + 1])
+    return counts
 
 
 def detect_language(text: str, ja_min: float = 0.2) -> tuple[str, float]:
@@ -53,7 +66,7 @@ def detect_language(text: str, ja_min: float = 0.2) -> tuple[str, float]:
         kana = c["hiragana"] + c["katakana"]
         return ("ja", cjk / letters) if kana >= 0.1 * cjk else ("zh", cjk / letters)
     words = text.lower().split()
-    stop = sum(w in EN_STOP_WORDS for w in words) / max(1, len(words))
+    stop = sum(map(EN_STOP_WORDS.__contains__, words)) / max(1, len(words))
     return ("en", c["latin"] / letters) if stop >= 0.02 else ("latin", c["latin"] / letters)
 
 
@@ -64,6 +77,9 @@ def language_filter(doc: Doc, keep: Iterable[str] = ("en", "ja")) -> str | None:
 
 
 # ------------------------------------------------------------------ Gopher quality (English)
+NO_ASCII_LETTER_WORD = re.compile(r"(?<!\S)[^\sA-Za-z]+(?!\S)")  # a whole str.split() word
+
+
 def gopher_quality(doc: Doc, min_words=50, max_words=100_000, min_mean_word=3.0, max_mean_word=10.0,
                    max_symbol_ratio=0.1, max_bullet_lines=0.9, max_ellipsis_lines=0.3,
                    min_alpha_words=0.8, min_stop_words=2) -> str | None:
@@ -74,7 +90,7 @@ def gopher_quality(doc: Doc, min_words=50, max_words=100_000, min_mean_word=3.0,
     n = len(words)
     if not min_words <= n <= max_words:
         return "gopher_quality.word_count"
-    mean_len = sum(len(w) for w in words) / n
+    mean_len = sum(map(len, words)) / n
     if not min_mean_word <= mean_len <= max_mean_word:
         return "gopher_quality.mean_word_length"
     symbols = text.count("#") + text.count("...") + text.count("\u2026")
@@ -85,9 +101,11 @@ def gopher_quality(doc: Doc, min_words=50, max_words=100_000, min_mean_word=3.0,
         return "gopher_quality.bullet_lines"
     if sum(l.rstrip().endswith(("...", "\u2026")) for l in lines) > max_ellipsis_lines * len(lines):
         return "gopher_quality.ellipsis_lines"
-    if sum(any(ch.isalpha() for ch in w) for w in words) < min_alpha_words * n:
+    # only words without an ASCII letter can lack a letter: check those one by one
+    no_alpha = sum(not any(ch.isalpha() for ch in w) for w in NO_ASCII_LETTER_WORD.findall(text))
+    if n - no_alpha < min_alpha_words * n:
         return "gopher_quality.alpha_words"
-    if len(EN_STOP_WORDS.intersection(w.lower() for w in words)) < min_stop_words:
+    if len(EN_STOP_WORDS.intersection(text.lower().split())) < min_stop_words:  # = each word lowered
         return "gopher_quality.stop_words"
     return None
 
@@ -106,36 +124,105 @@ def duplicate_fractions(parts: list[str]) -> tuple[float, float]:
     return dup / max(1, len(parts)), dup_chars / max(1, total_chars)
 
 
-def _ngrams(units: Sequence[str], n: int) -> Iterator:
-    """n-grams as hashable keys; `units` is a list of words or a string of characters."""
-    if isinstance(units, str):
-        return (units[i:i + n] for i in range(len(units) - n + 1))
-    return (tuple(units[i:i + n]) for i in range(len(units) - n + 1))
+class NGrams:
+    """The n-grams (n <= `max_n`) of `units` (a list of words, or a string of characters) grouped
+    exactly, for every n at once. Units become integers (a word: the index of its first
+    occurrence; a character: its code point). Prefix doubling, generalised to m-fold steps
+    (the ranks of (m*L)-grams are the ranks of m consecutive L-gram ranks packed into one int64,
+    one `argsort` per step, stopping once all are distinct), sorts the positions by their first
+    L >= max_n units; the common prefix length of neighbours in that order (`lcp`, read off the
+    same ranks) then makes the equal n-grams, for any n, the runs with lcp >= n. No n-gram
+    strings or tuples are built and nothing is hashed, so the groups are exact."""
+
+    def __init__(self, units: Sequence[str], max_n: int):
+        if isinstance(units, str):
+            codes = np.frombuffer(units.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+            self.widths = None
+            self.total_chars = len(units)
+        else:
+            codes = np.fromiter(map({}.setdefault, units, range(len(units))), np.int64, len(units))
+            self.widths = np.fromiter(map(len, units), np.int64, len(units))
+            self.ends = np.concatenate(([0], np.cumsum(self.widths)))
+            self.total_chars = int(self.ends[-1])
+        self.size = size = len(codes)
+        max_n = max(1, int(max_n))
+        pad = 4 * max_n + 4  # distinct symbols after the end: no n-gram reaching past it equals another
+        ranks = np.concatenate((codes + pad, np.arange(pad, dtype=np.int64)))
+        bound = int(ranks.max()) + 1
+        levels = [(1, 1, ranks)]  # (gram length L, fold m that built the next level, ranks of L-grams)
+        length, order, distinct = 1, None, False
+        while length < max_n and not distinct:  # all distinct: longer grams change nothing
+            m = min(max(2, 62 // bound.bit_length()), -(-max_n // length))
+            count = len(ranks) - (m - 1) * length
+            key = ranks[:count].copy()
+            for j in range(1, m):
+                key *= bound
+                key += ranks[j * length:j * length + count]
+            order = np.argsort(key)
+            sorted_key = key[order]
+            new = np.empty(count, dtype=bool)
+            new[0] = True
+            np.not_equal(sorted_key[1:], sorted_key[:-1], out=new[1:])
+            ranks = np.empty(count, dtype=np.int64)
+            ranks[order] = np.cumsum(new) - 1
+            bound = int(ranks.max()) + 1
+            distinct = bound == count
+            levels[-1] = (levels[-1][0], m, levels[-1][2])
+            length *= m
+            levels.append((length, 1, ranks))
+        if order is None:
+            order = np.argsort(ranks)
+        self.sa = sa = order[order < size]  # positions sorted by their first L units
+        a, b = sa[1:], sa[:-1]
+        lcp = np.zeros(max(0, size - 1), dtype=np.int64)
+        for gram, fold, level in reversed(levels):  # greedy: the longest run of equal L-grams first
+            for _ in range(max(1, fold - 1)):
+                lcp += (level[a + lcp] == level[b + lcp]) * gram
+        self.lcp = lcp
+
+    def _groups(self, n: int):
+        """(size of each group of equal n-grams, its first position) in suffix order, or None
+        when no n-gram repeats."""
+        if self.size < n:
+            return None
+        starts = np.flatnonzero(self.lcp < n)
+        if len(starts) == len(self.lcp):
+            return None
+        starts = np.concatenate(([0], starts + 1))
+        return np.diff(starts, append=self.size), np.minimum.reduceat(self.sa, starts)
+
+    def top_char_fraction(self, n: int) -> float:
+        """Characters covered by the most frequent n-gram (the first to occur among equals)."""
+        g = self._groups(n)
+        if g is None:
+            return 0.0
+        counts, first = g
+        count = int(counts.max())
+        start = int(first[counts == count].min())
+        chars = n if self.widths is None else int(self.ends[start + n] - self.ends[start])
+        return count * chars / max(1, self.total_chars)
+
+    def duplicate_char_fraction(self, n: int) -> float:
+        """Characters of units covered by repeated occurrences (not the first) of any n-gram."""
+        g = self._groups(n)
+        if g is None:
+            return 0.0
+        counts, first = g
+        starts = self.sa[self.sa != np.repeat(first, counts)]
+        depth = np.bincount(starts, minlength=self.size + 1) - np.bincount(starts + n, minlength=self.size + 1)
+        covered = np.cumsum(depth[:-1]) > 0
+        chars = int(covered.sum()) if self.widths is None else int(self.widths[covered].sum())
+        return chars / max(1.0, self.total_chars)
 
 
 def top_ngram_char_fraction(units: Sequence[str], n: int) -> float:
     """Characters covered by the most frequent n-gram (all its occurrences) / all characters."""
-    grams = Counter(_ngrams(units, n))
-    if not grams:
-        return 0.0
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    return count * sum(map(len, gram)) / max(1, sum(map(len, units)))
+    return NGrams(units, n).top_char_fraction(n)
 
 
 def duplicate_ngram_char_fraction(units: Sequence[str], n: int) -> float:
     """Characters of units covered by repeated occurrences (not the first) of any n-gram."""
-    if len(units) < n:
-        return 0.0
-    first: dict = {}
-    starts = np.array([i for i, g in enumerate(_ngrams(units, n)) if first.setdefault(g, i) != i], dtype=np.int64)
-    depth = np.zeros(len(units) + 1, dtype=np.int64)  # +1 where a repeated n-gram starts, -1 after it
-    np.add.at(depth, starts, 1)
-    np.add.at(depth, starts + n, -1)
-    covered = np.cumsum(depth[:-1]) > 0
-    lengths = np.ones(len(units)) if isinstance(units, str) else np.fromiter(map(len, units), float, len(units))
-    return float(lengths[covered].sum() / max(1.0, lengths.sum()))
+    return NGrams(units, n).duplicate_char_fraction(n)
 
 
 GOPHER_TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
@@ -163,11 +250,17 @@ def gopher_repetition(doc: Doc, max_dup_lines=0.30, max_dup_paragraphs=0.30, max
     ja = doc["meta"].get("lang") == "ja"
     units = "".join(text.split()) if ja else text.split()
     scale = ja_ngram_scale if ja else 1
-    for n, limit in (top_ngram or GOPHER_TOP_NGRAM).items():
-        if top_ngram_char_fraction(units, n * scale) > limit:
+    top_ngram, dup_ngram = top_ngram or GOPHER_TOP_NGRAM, dup_ngram or GOPHER_DUP_NGRAM
+    grams = NGrams(units, scale * max([*top_ngram, *dup_ngram], default=1))
+    for n, limit in top_ngram.items():
+        if grams.top_char_fraction(n * scale) > limit:
             return f"gopher_repetition.top_{n}gram"
-    for n, limit in (dup_ngram or GOPHER_DUP_NGRAM).items():
-        if duplicate_ngram_char_fraction(units, n * scale) > limit:
+    done: dict[int, float] = {}  # n -> duplicate fraction; it never grows with n (a repeated
+    for n, limit in dup_ngram.items():  # (n+1)-gram holds two repeated n-grams), so skip an n
+        if any(m < n and f <= limit for m, f in done.items()):  # a shorter one's fraction clears
+            continue
+        done[n] = grams.duplicate_char_fraction(n * scale)
+        if done[n] > limit:
             return f"gopher_repetition.dup_{n}gram"
     return None
 
@@ -182,7 +275,7 @@ def japanese_quality(doc: Doc, min_chars=200, min_hiragana=0.1, max_katakana=0.5
     if doc["meta"].get("lang") != "ja":
         return None
     text = doc["text"]
-    chars = sum(not ch.isspace() for ch in text)
+    chars = len("".join(text.split()))  # non-space characters
     if chars < min_chars:
         return "japanese.char_count"
     c = script_counts(text)
