@@ -191,16 +191,27 @@ class NGrams:
         starts = np.concatenate(([0], starts + 1))
         return np.diff(starts, append=self.size), np.minimum.reduceat(self.sa, starts)
 
-    def top_char_fraction(self, n: int) -> float:
-        """Characters covered by the most frequent n-gram (the first to occur among equals)."""
+    def most_frequent(self, n: int) -> tuple[int, int] | None:
+        """(count, first position) of the most frequent n-gram, the first to occur among equally
+        frequent ones (as `Counter.most_common`); None when no n-gram repeats."""
         g = self._groups(n)
         if g is None:
-            return 0.0
+            return None
         counts, first = g
         count = int(counts.max())
-        start = int(first[counts == count].min())
-        chars = n if self.widths is None else int(self.ends[start + n] - self.ends[start])
-        return count * chars / max(1, self.total_chars)
+        return count, int(first[counts == count].min())
+
+    def chars(self, start: int, n: int) -> int:
+        """Characters of the n units from `start`."""
+        return n if self.widths is None else int(self.ends[start + n] - self.ends[start])
+
+    def top_char_fraction(self, n: int) -> float:
+        """Characters covered by the most frequent n-gram (all its occurrences) / all characters."""
+        top = self.most_frequent(n)
+        if top is None:
+            return 0.0
+        count, start = top
+        return count * self.chars(start, n) / max(1, self.total_chars)
 
     def duplicate_char_fraction(self, n: int) -> float:
         """Characters of units covered by repeated occurrences (not the first) of any n-gram."""

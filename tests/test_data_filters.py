@@ -1,11 +1,23 @@
 """Quality filters: hand-computed values, hand-checked decisions, and real vendored text."""
 import os
+import re
+import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from hibari.data import CORPUS_DIR
 from hibari.data.clean import clean_docs
 from hibari.data.filters import (
+    EN_STOP_WORDS,
+    GOPHER_DUP_NGRAM,
+    GOPHER_TOP_NGRAM,
+    HAN,
+    HANGUL,
+    HIRAGANA,
+    KATAKANA,
+    LATIN,
     FilterStats,
     compile_wordlist,
     default_filters,
@@ -16,6 +28,7 @@ from hibari.data.filters import (
     gopher_quality,
     gopher_repetition,
     japanese_quality,
+    script_counts,
     top_ngram_char_fraction,
     wordlist_filter,
 )
@@ -126,3 +139,139 @@ def test_filter_stats_account_for_every_document(corpus):
     assert set(report["languages_kept"]) == {"en", "ja"}
     # the input documents are not mutated (meta is copied before tagging)
     assert all("lang" in d["meta"] for d in docs)
+
+
+# ------------------------------------------------------------------ fast paths vs brute force
+def brute_top(units, n):
+    """Most frequent n-gram (first to occur among equals) by counting every window."""
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    best, best_count = None, 0
+    for g in dict.fromkeys(grams):
+        c = grams.count(g)
+        if c > best_count:
+            best, best_count = g, c
+    if best_count < 2:
+        return 0.0
+    return best_count * sum(map(len, best)) / max(1, sum(map(len, units)))
+
+
+def brute_dup(units, n):
+    """Characters of units inside a window that equals an earlier window."""
+    covered = [False] * len(units)
+    for i in range(len(units) - n + 1):
+        if any(units[j:j + n] == units[i:i + n] for j in range(i)):
+            covered[i:i + n] = [True] * n
+    return sum(len(u) for u, c in zip(units, covered) if c) / max(1.0, sum(map(len, units)))
+
+
+def generated_units(rng, kind, size):
+    if kind == "words":  # few distinct words of different lengths: many repeats
+        vocab = ["a", "to", "the", "cat", "sat", "mat", "over", "jumped", "quickly", "ok"][:int(rng.integers(2, 11))]
+        units = [vocab[i] for i in rng.integers(0, len(vocab), size)]
+    else:  # Japanese characters
+        alphabet = "あいうえおかきくけこ日本語文字列テスト。"[:int(rng.integers(2, 20))]
+        units = "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size))
+    if size > 20 and rng.random() < 0.5:  # a planted copy of a stretch
+        i, j = sorted(rng.integers(0, size, 2))
+        units = units[:j] + units[i:j] + units[j:]
+    return units
+
+
+def test_ngram_fractions_equal_brute_force_on_generated_text():
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        units = generated_units(rng, ("words", "chars")[trial % 2], int(rng.integers(0, 90)))
+        for n in range(1, 33):
+            assert top_ngram_char_fraction(units, n) == brute_top(units, n), (units, n)
+            assert duplicate_ngram_char_fraction(units, n) == brute_dup(units, n), (units, n)
+
+
+def test_ngram_fractions_equal_brute_force_on_real_text(corpus):
+    en = [d["text"].split()[:250] for i, d in corpus.items() if i.startswith(("kjv", "debref"))][:6]
+    ja = ["".join(d["text"].split())[:300] for i, d in corpus.items() if i.startswith("manpages-ja")][:6]
+    for units in en + ja:
+        scale = 3 if isinstance(units, str) else 1
+        for n in (2, 3, 4, 5, 6, 7, 8, 9, 10):
+            assert top_ngram_char_fraction(units, n * scale) == brute_top(units, n * scale)
+            assert duplicate_ngram_char_fraction(units, n * scale) == brute_dup(units, n * scale)
+
+
+def plain_top(units, n):
+    """Most frequent n-gram by a Counter over tuples (the first inserted wins ties)."""
+    grams = Counter(tuple(units[i:i + n]) for i in range(len(units) - n + 1))
+    if not grams or max(grams.values()) < 2:
+        return 0.0
+    gram, count = grams.most_common(1)[0]
+    return count * sum(map(len, gram)) / max(1, sum(map(len, units)))
+
+
+def plain_dup(units, n):
+    """Windows whose tuple was seen at an earlier start cover their units."""
+    first, covered = {}, [False] * len(units)
+    for i in range(len(units) - n + 1):
+        if first.setdefault(tuple(units[i:i + n]), i) != i:
+            covered[i:i + n] = [True] * n
+    return sum(len(u) for u, c in zip(units, covered) if c) / max(1.0, sum(map(len, units)))
+
+
+def reference_repetition(d):
+    """gopher_repetition's rules in their plain form (tuples, Counter, dict), every n computed."""
+    text = d["text"]
+    lines = [x for x in text.split("\n") if x.strip()]
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    (lf, lc), (pf, pc) = duplicate_fractions(lines), duplicate_fractions(paragraphs)
+    for value, limit, name in ((lf, 0.3, "dup_lines"), (pf, 0.3, "dup_paragraphs"), (lc, 0.2, "dup_line_chars"),
+                               (pc, 0.2, "dup_paragraph_chars")):
+        if value > limit:
+            return f"gopher_repetition.{name}"
+    ja = d["meta"]["lang"] == "ja"
+    units, scale = ("".join(text.split()), 3) if ja else (text.split(), 1)
+    for n, limit in GOPHER_TOP_NGRAM.items():
+        if plain_top(units, n * scale) > limit:
+            return f"gopher_repetition.top_{n}gram"
+    for n, limit in GOPHER_DUP_NGRAM.items():
+        if plain_dup(units, n * scale) > limit:
+            return f"gopher_repetition.dup_{n}gram"
+    return None
+
+
+def test_gopher_repetition_reasons_equal_reference(corpus):
+    rng = np.random.default_rng(1)
+    texts = [(d["text"][:3000], "ja" if i.startswith("manpages-ja") else "en") for i, d in list(corpus.items())[::20]]
+    reasons = set()
+    for text, lang in texts:
+        words = text.split()
+        for rate in (0.0, 0.1, 0.2, 0.4):  # plant repeated stretches: every rule gets its turn
+            out = list(words)
+            for _ in range(int(rate * 10)):
+                i = int(rng.integers(0, max(1, len(out) - 12)))
+                out[i:i] = out[i:i + int(rng.integers(3, 12))]
+            x = doc(" ".join(out), lang)
+            got = gopher_repetition(x)
+            assert got == reference_repetition(x)
+            reasons.add(got)
+    assert len(reasons) >= 4  # kept, and several different reasons
+
+
+def test_script_counts_and_quality_equal_plain_definitions(corpus):
+    every = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)  # no surrogates
+    for text in [every] + [d["text"] for d in list(corpus.values())[::25]]:
+        assert script_counts(text) == {k: len(p.findall(text)) for k, p in
+                                       (("hiragana", HIRAGANA), ("katakana", KATAKANA), ("han", HAN),
+                                        ("hangul", HANGUL), ("latin", LATIN))}
+    # words with letters: non-ASCII letters, numerals that are not letters (² ½ Ⅻ), punctuation
+    odd = "the cat ² ½ Ⅻ 42 -- été ñ ÆØ 3.14 naïve ªº « » … ... x² 1st and the of with"
+    for text in (odd, odd * 3, " ".join(odd.split()[::-1] * 10)):
+        words = text.split()
+        alpha = sum(any(ch.isalpha() for ch in w) for w in words)
+        stop = len(EN_STOP_WORDS.intersection(w.lower() for w in words))
+        for k in range(1, len(words) + 1):  # the threshold at every count: the rule flips exactly there
+            expected = "gopher_quality.alpha_words" if alpha < (k / len(words)) * len(words) else None
+            got = gopher_quality(doc(text), min_words=0, min_mean_word=0, max_mean_word=99, max_symbol_ratio=9,
+                                 max_bullet_lines=9, max_ellipsis_lines=9, min_alpha_words=k / len(words),
+                                 min_stop_words=0)
+            assert got == expected
+        for k in range(0, 6):
+            got = gopher_quality(doc(text), min_words=0, min_mean_word=0, max_mean_word=99, max_symbol_ratio=9,
+                                 max_bullet_lines=9, max_ellipsis_lines=9, min_alpha_words=0, min_stop_words=k)
+            assert got == (None if stop >= k else "gopher_quality.stop_words")
