@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hibari.base.errors import UsageError
 
@@ -152,13 +151,28 @@ def _splash(q, k, v, segment_ids, interpret: bool):
 # cuDNN flash attention, packed layout
 # ---------------------------------------------------------------------------------------------
 
+DEFAULT_MAX_SEGMENTS = 64
+
+
+def _raise_overflow(worst, max_segments):
+    raise UsageError(f"segment_attention(impl='cudnn'): a row holds {int(worst)} runs of segment "
+                     f"ids (padding runs included), over max_segments={max_segments}: raise "
+                     f"max_segments")
+
+
 def cudnn_packing(segment_ids, max_segments: int):
     """Runs of equal ids (padding runs included) as cuDNN's packed-layout tensors:
-    (lengths[b, M], offsets[b, M + 1], n_runs[b]), int32, unused entries -1 (M = max_segments)."""
+    (lengths[b, M], offsets[b, M + 1], n_runs[b]), int32, unused entries -1 (M = max_segments).
+    A row with more than M runs raises a UsageError when the computation runs."""
     b, t = segment_ids.shape
     start = jnp.concatenate([jnp.ones((b, 1), bool),
                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     n_runs = start.sum(axis=1).astype(jnp.int32)
+    if max_segments < t:  # the host is called only when a row overflows
+        worst = n_runs.max()
+        jax.lax.cond(worst > max_segments,
+                     lambda: jax.debug.callback(_raise_overflow, worst, max_segments),
+                     lambda: None)
     offsets = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=-1)[0])(start)
     offsets = offsets.astype(jnp.int32)
     idx = jnp.arange(max_segments + 1)[None, :]
@@ -166,14 +180,6 @@ def cudnn_packing(segment_ids, max_segments: int):
     ends = jnp.where(idx[:, 1:] < n_runs[:, None], offsets[:, 1:], t)  # the next run's start
     lengths = jnp.where(offsets[:, :-1] >= 0, ends - offsets[:, :-1], -1).astype(jnp.int32)
     return lengths, offsets, n_runs
-
-
-def _check_runs(n_runs, max_segments):
-    worst = int(np.max(n_runs))
-    if worst > max_segments:
-        raise UsageError(f"segment_attention(impl='cudnn'): a row holds {worst} runs of segment "
-                         f"ids (padding runs included), over max_segments={max_segments}: raise "
-                         f"max_segments (or leave it None)")
 
 
 def _cudnn(q, k, v, segment_ids, max_segments: int | None):
@@ -184,14 +190,11 @@ def _cudnn(q, k, v, segment_ids, max_segments: int | None):
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise UsageError(f"attention impl 'cudnn' needs bfloat16 or float16 q/k/v, got {q.dtype}: "
                          f"set model.compute_dtype=bfloat16")
-    if max_segments is None:
-        max_segments = t  # a row never holds more runs than tokens
-    else:
-        max_segments = int(max_segments)
-    m = max(max_segments, 2)  # one segment per row would select cuDNN's unpacked layout
-    lengths, offsets, n_runs = cudnn_packing(segment_ids, m)
-    if max_segments < t:
-        jax.debug.callback(_check_runs, n_runs, max_segments)
+    # cuDNN keeps softmax statistics [b * M, h, t] (fp32): M = t would cost as much as dense
+    # scores, so M is a bound (checked when the step runs). M >= 2: one segment per row would
+    # select cuDNN's unpacked layout.
+    m = max(2, min(t, DEFAULT_MAX_SEGMENTS if max_segments is None else int(max_segments)))
+    lengths, offsets, _ = cudnn_packing(segment_ids, m)
     rep = h // k.shape[2]
     if rep > 1:  # jax scales packed kv offsets by the query head count: give k/v all h heads
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
@@ -207,8 +210,9 @@ def segment_attention(q, k, v, segment_ids, *, impl: str, interpret: bool | None
     """Causal self-attention within segments with a fused kernel -> out[b, t, h, d] (q's dtype).
 
     interpret: run a Pallas kernel in interpret mode (default: on a CPU backend only).
-    max_segments (cudnn only): a bound on runs of equal ids per row, padding runs included;
-    None = t (always safe); a smaller bound shrinks cuDNN's grid and is checked at run time."""
+    max_segments (cudnn only): a bound on runs of equal ids per row, padding runs included
+    (None: DEFAULT_MAX_SEGMENTS, at most t); a row with more raises when the step runs. cuDNN's
+    grid and its softmax statistics [b * max_segments, h, t] grow with it."""
     if impl not in KERNELS:
         raise UsageError(f"attention impl '{impl}' is not a segment kernel; choose one of "
                          f"{', '.join(KERNELS)}")

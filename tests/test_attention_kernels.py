@@ -151,3 +151,14 @@ def test_cudnn_packing_matches_brute_force_and_mask():
             want = np.asarray(attention_mask(jnp.asarray(row[None]), jnp.asarray(row[None])))
             real = row != 0
             np.testing.assert_array_equal(mask[real], want[0, 0][real])
+
+
+def test_cudnn_packing_overflow_raises_when_run():
+    """More runs in a row than max_segments: an error naming max_segments when the jitted
+    computation runs (a bound cuDNN's statistics need), none when the rows fit."""
+    seg = jnp.asarray(packed_segments(3, 40, seed=4))
+    worst = max(len(brute_runs(row)) for row in np.asarray(seg))
+    packing = jax.jit(cudnn_packing, static_argnums=1)
+    jax.block_until_ready(packing(seg, worst))
+    with pytest.raises(Exception, match=f"holds {worst} runs .* over max_segments={worst - 1}"):
+        jax.block_until_ready(packing(seg, worst - 1))
