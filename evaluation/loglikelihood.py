@@ -4,11 +4,15 @@
     # -> [(sum log p(continuation | context), continuation is the greedy decode), ...]
 
 Each request becomes one row `context + continuation` (the context truncated from the left to
-fit `max_len + 1` tokens), right-padded to a multiple of 16 that depends on its own length
-only; rows of equal width are batched and the batch is padded to `batch_size` rows with empty
-(segment 0) rows. Padding is never attended to by real tokens (segment ids), so a request's
-score does not depend on its neighbours: batch size changes it only by float32 rounding of the
-batched matmuls (~1e-7 relative), never a decision (tests/test_eval_loglikelihood.py).
+fit `max_len + 1` tokens). Rows are sorted by length (longest first) and cut into batches of
+`batch_size`; a batch is right-padded to a multiple of 16 of its longest row and, the last one,
+to a power of two of rows with empty (segment 0) rows, so the padding stays small and the
+compiled shapes few. Only the continuation positions go through the vocabulary projection and
+the log-softmax (a multiple-choice answer of a few tokens after a long prompt never
+materialises [b, t, vocab] logits). Padding is never attended to by real tokens (segment ids),
+so a request's score does not depend on its neighbours: batch size changes it only by float32
+rounding of the batched matmuls (~1e-7 relative), never a decision
+(tests/test_eval_loglikelihood.py).
 """
 from __future__ import annotations
 
@@ -20,23 +24,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hibari.model import ModelConfig, apply
+from hibari.model import ModelConfig, hidden, unembed
 from hibari.model.logprobs import token_log_probs
 
 Request = tuple[Sequence[int], Sequence[int]]
 WIDTH_MULTIPLE = 16
+MIN_SCORED = 8  # positions scored per row: a power of two >= this (fewer compiled shapes)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_rows(cfg: ModelConfig, params, inputs, targets, segment_ids):
-    """(log p(targets)[b, t] fp32, targets == argmax[b, t]) for right-padded rows."""
-    logits = apply(cfg, params, inputs, segment_ids)
+def _score_rows(cfg: ModelConfig, params, inputs, segment_ids, where, targets):
+    """(log p(targets)[b, k] fp32, targets == argmax[b, k]) for right-padded rows
+    inputs/segment_ids[b, w], scoring the next token after positions where[b, k] only: the
+    vocabulary projection and log-softmax run on [b, k] rows, never on all [b, w]."""
+    h = hidden(cfg, params, inputs, segment_ids)
+    h = jnp.take_along_axis(h, where[..., None], axis=1)
+    logits = unembed(cfg, params, h)
     log_p, _ = token_log_probs(logits, targets)
     return log_p, jnp.argmax(logits, axis=-1) == targets
 
 
 def _width(n: int) -> int:
     return -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_size: int = 8,
@@ -60,27 +73,33 @@ def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_si
                              f"the model's max_len={max_len}; use rolling windows instead")
         seq = (list(context) + list(continuation))[-(max_len + 1):]
         rows.append((np.asarray(seq, np.int32), len(continuation)))
-    by_width: dict[int, list[int]] = {}
-    for i, (seq, _) in enumerate(rows):
-        by_width.setdefault(_width(len(seq) - 1), []).append(i)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # stable: longest first
+    pending = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = _width(len(rows[chunk[0]][0]) - 1)
+        n_rows = min(batch_size, _pow2(len(chunk)))
+        k = min(width, max(MIN_SCORED, _pow2(max(rows[i][1] for i in chunk))))
+        inputs = np.full((n_rows, width), pad_id, np.int32)
+        segments = np.zeros((n_rows, width), np.int32)
+        where = np.zeros((n_rows, k), np.int32)
+        targets = np.zeros((n_rows, k), np.int32)
+        for r, i in enumerate(chunk):
+            seq, n_cont = rows[i]
+            n = len(seq) - 1
+            inputs[r, :n], segments[r, :n] = seq[:-1], 1
+            where[r, :n_cont] = np.arange(n - n_cont, n)
+            targets[r, :n_cont] = seq[n + 1 - n_cont:]
+        # dispatched without waiting: the host builds the next batch while this one runs
+        pending.append((chunk, _score_rows(cfg, params, inputs, segments, where, targets)))
     out: list = [None] * len(rows)
-    for width, members in sorted(by_width.items()):
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            inputs = np.full((batch_size, width), pad_id, np.int32)
-            targets = np.zeros((batch_size, width), np.int32)
-            segments = np.zeros((batch_size, width), np.int32)
-            for r, i in enumerate(chunk):
-                seq = rows[i][0]
-                n = len(seq) - 1
-                inputs[r, :n], targets[r, :n], segments[r, :n] = seq[:-1], seq[1:], 1
-            log_p, greedy = jax.device_get(_score_rows(cfg, params, inputs, targets, segments))
-            for r, i in enumerate(chunk):
-                n, n_cont = len(rows[i][0]) - 1, rows[i][1]
-                out[i] = (np.asarray(log_p[r, n - n_cont:n], np.float64),
-                          np.asarray(greedy[r, n - n_cont:n]))
-            if on_batch is not None:
-                on_batch(len(chunk))
+    for chunk, result in pending:
+        log_p, greedy = jax.device_get(result)
+        for r, i in enumerate(chunk):
+            n_cont = rows[i][1]
+            out[i] = (np.asarray(log_p[r, :n_cont], np.float64), np.asarray(greedy[r, :n_cont]))
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
 
 

@@ -12,9 +12,10 @@ Prompts are left-padded into one batch (padding is segment 0, never attended to)
 one forward pass (`Transformer.decode(last_only=True)`), then extended one token per iteration
 of a `jax.lax.while_loop` that samples, writes the token and feeds it back through the cache;
 the loop ends early once every row has emitted an eos id. Nothing returns to the host per
-token. The loop keeps its cache as k/v[L, b, kv_heads, slots, head_dim] (written in
-place, attended without transposes; `init_cache`'s layout would cost XLA a copy of the whole
-cache per token). Greedy decoding with the cache produces the same logits as recomputing the
+token. The loop keeps its cache as one k/v[b, kv_heads, slots, head_dim] per layer (written
+in place, attended without transposes or slicing), runs the layers unrolled on parameters
+sliced once before the loop, and projects onto a tied vocabulary with the embedding transposed
+once: XLA:CPU would otherwise copy every weight, the table and the cache per token. Greedy decoding with the cache produces the same logits as recomputing the
 full forward pass (tests/test_decode.py).
 
 Sampling (`sample`): greedy when the temperature is 0, else softmax(logits / T) restricted to the
@@ -101,19 +102,38 @@ sample = jax.jit(sample_logits, static_argnames=("top_k",))
 # The traceable sampler
 # ---------------------------------------------------------------------------------------------
 
-# The loop's cache keeps k/v as [n_layers, b, kv_heads, slots, head_dim]: attention over it
-# then needs no per-step transpose of the whole cache (with init_cache's [L, b, slots, kv, hd]
-# layout and the scanned layers, XLA:CPU copied every layer's cache per token: a step at
-# batch 8 took 13 ms instead of 6 with 160 slots, 41 instead of 11 with 528; BENCHMARKS.md).
-_KV_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+# The loop's cache keeps k/v as one array per layer, [b, kv_heads, slots, head_dim]: each is
+# written in place and attended without transposes or slicing. (One [n_layers, ...] array read
+# with a traced layer index made XLA:CPU copy each layer's cache per token, and with
+# init_cache's [L, b, slots, kv, hd] layout the whole cache was transposed per token.)
+# The layers are unrolled in the token loop over parameters sliced once before it
+# (`_layer_params`): slicing stacked [n_layers, ...] parameters inside the loop copied every
+# weight of the model per token on XLA:CPU (BENCHMARKS.md, "Against transformers").
+_KV_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 def _constrain_cache(cache: dict) -> dict:
     """Logical axes of the loop's cache (a no-op unless the caller set a mesh and axis rules)."""
-    return {**cache, "k": nn.with_logical_constraint(cache["k"], _KV_AXES),
-            "v": nn.with_logical_constraint(cache["v"], _KV_AXES),
+    kv = lambda xs: tuple(nn.with_logical_constraint(x, _KV_AXES) for x in xs)
+    return {**cache, "k": kv(cache["k"]), "v": kv(cache["v"]),
             "segment_ids": nn.with_logical_constraint(cache["segment_ids"], ("batch", "length")),
             "positions": nn.with_logical_constraint(cache["positions"], ("batch", "length"))}
+
+
+def _layer_params(cfg: ModelConfig, params) -> list:
+    """Each layer's parameter tree, sliced out of the stacked ones once (scan_layers)."""
+    if cfg.scan_layers:
+        return [jax.tree.map(lambda a, i=i: a[i], params["layers"])
+                for i in range(cfg.n_layers)]
+    return [params[f"layers_{i}"] for i in range(cfg.n_layers)]
+
+
+def _unembed_weight(cfg: ModelConfig, params):
+    """The tied embedding transposed to [d, vocab] once, outside the token loop (inside it
+    XLA:CPU transposed the [vocab, d] table per token), or None for an untied lm_head."""
+    if not cfg.tie_embeddings:
+        return None
+    return params["embed"]["embedding"].astype(jnp.dtype(cfg.compute_dtype)).T
 
 
 def _attend_cached(q, k, v, mask):
@@ -130,26 +150,28 @@ def _attend_cached(q, k, v, mask):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _block_step(block: Block, x, mask, positions, k_all, v_all, layer, index):
-    """`Block` on x[b, t, d] at cache slots [index, index + t) of layer `layer` of the loop
-    cache -> (x, k_all, v_all)."""
+def _block_step(block: Block, x, mask, positions, k_cache, v_cache, index):
+    """`Block` on x[b, t, d] at slots [index, index + t) of one layer's loop cache
+    k/v[b, kv, slots, hd] -> (x, k_cache, v_cache)."""
     attn = block.attn
     q, k, v = attn.project(block.attn_norm(x), positions)
-    slot = (layer, 0, 0, index, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype),
-                                         slot)
-    v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype),
-                                         slot)
-    out = _attend_cached(q, k_all[layer], v_all[layer], mask)
+    slot = (0, 0, index, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                           slot)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                           slot)
+    out = _attend_cached(q, k_cache, v_cache, mask)
     h = x + attn.o(out)
     out = h + block.mlp(block.mlp_norm(h))
-    return nn.with_logical_constraint(out, ("batch", "length", "embed")), k_all, v_all
+    return nn.with_logical_constraint(out, ("batch", "length", "embed")), k_cache, v_cache
 
 
-def _step_logits(cfg: ModelConfig, params, tokens, segment_ids, positions, cache):
+def _step_logits(cfg: ModelConfig, params, tokens, segment_ids, positions, cache, *,
+                 layers: list | None = None, unembed_weight=None):
     """tokens[b, t] through the model at the loop cache's index -> (logits[b, v] of the last
     position, cache): `Transformer.decode` on the loop's cache layout, the blocks' own modules
-    (norms, projections, RoPE, MLP) applied layer by layer."""
+    (norms, projections, RoPE, MLP) applied layer by layer. `layers` (`_layer_params`) and
+    `unembed_weight` (`_unembed_weight`): computed once by a caller that steps many times."""
     model = Transformer(cfg)
     index = cache["index"]
     seg_all = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, 1)
@@ -157,23 +179,18 @@ def _step_logits(cfg: ModelConfig, params, tokens, segment_ids, positions, cache
     mask = attention_mask(segment_ids, seg_all, positions, pos_all)
     x = model.apply({"params": params}, tokens, positions, method=Transformer.embed_tokens)
     block = Block(cfg)
-
-    def layer(i, layer_params, carry):
-        x, k, v = carry
-        return block.apply({"params": layer_params}, x, mask, positions, k, v, i, index,
-                           method=_block_step)
-
-    carry = (x, cache["k"], cache["v"])
-    if cfg.scan_layers:  # parameters stacked [n_layers, ...]
-        carry = jax.lax.fori_loop(0, cfg.n_layers, lambda i, c: layer(
-            i, jax.tree.map(lambda a: a[i], params["layers"]), c), carry)
+    layers = _layer_params(cfg, params) if layers is None else layers
+    ks, vs = list(cache["k"]), list(cache["v"])
+    for i, layer_params in enumerate(layers):
+        x, ks[i], vs[i] = block.apply({"params": layer_params}, x, mask, positions, ks[i], vs[i],
+                                      index, method=_block_step)
+    h = model.apply({"params": params}, x[:, -1], method=lambda m, h: m.final_norm(h))
+    if cfg.tie_embeddings:
+        w = _unembed_weight(cfg, params) if unembed_weight is None else unembed_weight
+        logits = jnp.dot(h.astype(w.dtype), w).astype(jnp.float32)
     else:
-        for i in range(cfg.n_layers):
-            carry = layer(i, params[f"layers_{i}"], carry)
-    x, k, v = carry
-    logits = model.apply({"params": params}, x[:, -1],
-                         method=lambda m, h: m.logits(m.final_norm(h)))
-    cache = {"k": k, "v": v, "segment_ids": seg_all, "positions": pos_all,
+        logits = model.apply({"params": params}, h, method=Transformer.logits)
+    cache = {"k": tuple(ks), "v": tuple(vs), "segment_ids": seg_all, "positions": pos_all,
              "index": index + tokens.shape[1]}
     return logits, _constrain_cache(cache)
 
@@ -194,8 +211,8 @@ def start_decode(cfg: ModelConfig, params, tokens, segment_ids, key, *,
     last = logits[:, -1]
     grow = lambda x, axis: jnp.pad(x, [(0, max_new_tokens if a == axis else 0)
                                        for a in range(x.ndim)])
-    cache = {"k": grow(cache["k"].transpose(0, 1, 3, 2, 4), 3),
-             "v": grow(cache["v"].transpose(0, 1, 3, 2, 4), 3),
+    per_layer = lambda x: tuple(grow(x[i].transpose(0, 2, 1, 3), 2) for i in range(x.shape[0]))
+    cache = {"k": per_layer(cache["k"]), "v": per_layer(cache["v"]),
              "segment_ids": grow(cache["segment_ids"], 1),
              "positions": grow(cache["positions"], 1), "index": cache["index"]}
     batch = lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
@@ -216,6 +233,7 @@ def advance_decode(cfg: ModelConfig, params, state: dict, n_steps, *, temperatur
     total = state["tokens"].shape[1]
     limit = jnp.minimum(state["step"] + n_steps, total)
     eos_ids = tuple(int(e) for e in eos_ids)
+    layers, unembed_weight = _layer_params(cfg, params), _unembed_weight(cfg, params)
 
     def cond(s):
         return (s["step"] < limit) & ~jnp.all(s["done"])
@@ -230,7 +248,8 @@ def advance_decode(cfg: ModelConfig, params, state: dict, n_steps, *, temperatur
                                  jnp.zeros_like(live))
         pos = s["next_pos"]
         last, cache = _step_logits(cfg, params, tok[:, None], s["segment"][:, None],
-                                   pos[:, None], s["cache"])
+                                   pos[:, None], s["cache"], layers=layers,
+                                   unembed_weight=unembed_weight)
         return {**s, "cache": cache, "last": last, "key": key,
                 "tokens": col(s["tokens"], tok), "mask": col(s["mask"], live.astype(jnp.int32)),
                 "done": s["done"] | (live & ended), "step": s["step"] + 1, "next_pos": pos + 1}
