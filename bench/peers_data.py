@@ -8,7 +8,8 @@ Documents: the bundled corpus (data/assets/corpus) cleaned as `hibari data prepa
 the comparison uses the documents hibari's language detector calls English: datatrove's word
 tokenizer for Japanese needs spaCy + SudachiPy and its Gopher rules are English rules, while
 hibari's repetition rule counts Japanese characters (its own definition, nothing to agree with).
-`--replicate K` repeats the document list K times (bigger timing runs).
+`--replicate K` repeats the document list K times (bigger timing runs). `--baseline FILE` also
+times another version of data/filters.py in the same rounds (before/after an optimization).
 
 Speed: one process, one core, rounds interleaved (hibari, datatrove, datatrove, hibari, ...),
 best and median of `--rounds`; MB/s of UTF-8 input per core, by wall clock and by the process's
@@ -31,6 +32,7 @@ part of the disagreement that word splitting causes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import math
 import os
@@ -250,7 +252,20 @@ def environment() -> dict:
     return {"device": cpu_model(), "versions": versions}
 
 
-def works(en: list[dict], all_docs: list[dict], dt: Datatrove | None) -> dict:
+def load_baseline(path: str):
+    """Another version of data/filters.py (e.g. `git show REV:data/filters.py > FILE`), timed as
+    system "hibari-baseline" in the same interleaved rounds."""
+    spec = importlib.util.spec_from_file_location("hibari_filters_baseline", path)
+    if spec is None or not os.path.isfile(path):
+        raise SystemExit(f"--baseline {path}: not a Python file; write one with "
+                         f"`git show REV:data/filters.py > FILE`")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def works(en: list[dict], all_docs: list[dict], dt: Datatrove | None, baseline=None) -> dict:
     """work -> {system: callable running it once}."""
     def chain(quality, repetition):
         return lambda: [repetition(d) for d in en if quality(d) is None]
@@ -266,6 +281,13 @@ def works(en: list[dict], all_docs: list[dict], dt: Datatrove | None) -> dict:
          "gopher_chain": {"hibari": chain(gopher_quality, gopher_repetition)},
          "gopher_repetition_en_ja": {"hibari": each(gopher_repetition, all_docs)},
          "default_chain_en_ja": {"hibari": chain_all}}
+    if baseline is not None:
+        b = baseline
+        w["gopher_quality"]["hibari-baseline"] = each(b.gopher_quality, en)
+        w["gopher_repetition"]["hibari-baseline"] = each(b.gopher_repetition, en)
+        w["gopher_chain"]["hibari-baseline"] = chain(b.gopher_quality, b.gopher_repetition)
+        w["gopher_repetition_en_ja"]["hibari-baseline"] = each(b.gopher_repetition, all_docs)
+        w["default_chain_en_ja"]["hibari-baseline"] = lambda: list(b.filter_docs(all_docs, b.default_filters()))
     if dt is not None:
         w["gopher_quality"]["datatrove"] = each(dt.quality, en)
         w["gopher_repetition"]["datatrove"] = each(dt.repetition, en)
@@ -302,6 +324,7 @@ def main(argv=None) -> list[dict]:
                     help="datatrove's word split: its English spaCy tokenizer (default) or str.split")
     ap.add_argument("--no-agreement", action="store_true", help="skip the agreement pass")
     ap.add_argument("--no-datatrove", action="store_true", help="time hibari alone (no peer)")
+    ap.add_argument("--baseline", help="also time this version of data/filters.py (system hibari-baseline)")
     ap.add_argument("--out", help="append the result rows to this JSONL file")
     a = ap.parse_args(argv)
     all_docs, en = load_docs(a.limit)
@@ -314,7 +337,8 @@ def main(argv=None) -> list[dict]:
     mb = {"gopher_quality": bytes_of(timed_en), "gopher_repetition": bytes_of(timed_en),
           "gopher_chain": bytes_of(timed_en), "gopher_repetition_en_ja": bytes_of(timed_all),
           "default_chain_en_ja": bytes_of(timed_all)}
-    times = timings(works(timed_en, timed_all, dt), a.rounds, dt) if a.rounds > 0 else {}
+    baseline = load_baseline(a.baseline) if a.baseline else None
+    times = timings(works(timed_en, timed_all, dt, baseline), a.rounds, dt) if a.rounds > 0 else {}
     load = [round(x, 2) for x in os.getloadavg()]
     for name, systems in times.items():
         for s, tc in systems.items():
@@ -339,15 +363,17 @@ def main(argv=None) -> list[dict]:
           f"load {load}; {env['device']}; {env['versions']}")
     if times:
         print("\n| work | system | MB/s (best wall) | median | MB/s per CPU-second | hibari / datatrove (wall) |"
-              " per CPU-s |\n|---|---|---|---|---|---|---|")
+              " per CPU-s | hibari / baseline (wall) |\n|---|---|---|---|---|---|---|---|")
         for name in times:
             by = {r["system"]: r for r in rows if r["work"] == name}
             for s, r in by.items():
                 peer = by.get("datatrove") if s == "hibari" else None
                 ratio = f"{r['units_per_s'] / peer['units_per_s']:.2f}x" if peer else ""
                 cpu_ratio = f"{r['units_per_cpu_s'] / peer['units_per_cpu_s']:.2f}x" if peer else ""
+                base = by.get("hibari-baseline") if s == "hibari" else None
+                speedup = f"{r['units_per_s'] / base['units_per_s']:.2f}x" if base else ""
                 print(f"| {name} | {s} | {r['units_per_s']:.2f} | {r['median_units_per_s']:.2f} | "
-                      f"{r['units_per_cpu_s']:.2f} | {ratio} | {cpu_ratio} |")
+                      f"{r['units_per_cpu_s']:.2f} | {ratio} | {cpu_ratio} | {speedup} |")
     if agree is not None:
         for name, g in agree.items():
             print(f"\n{name}: same decision on {fmt_rate(g['same'])} of {len(en)} English documents "

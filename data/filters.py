@@ -177,7 +177,7 @@ class NGrams:
         lcp = np.zeros(max(0, size - 1), dtype=np.int64)
         for gram, fold, level in reversed(levels):  # greedy: the longest run of equal L-grams first
             for _ in range(max(1, fold - 1)):
-                lcp += (level[a + lcp] == level[b + lcp]) * gram
+                np.add(lcp, gram, out=lcp, where=level[a + lcp] == level[b + lcp])
         self.lcp = lcp
 
     def _groups(self, n: int):
@@ -185,11 +185,14 @@ class NGrams:
         when no n-gram repeats."""
         if self.size < n:
             return None
-        starts = np.flatnonzero(self.lcp < n)
-        if len(starts) == len(self.lcp):
+        brk = np.empty(self.size + 1, dtype=bool)  # a group starts at 0, where lcp < n; ends at size
+        brk[0] = brk[-1] = True
+        np.less(self.lcp, n, out=brk[1:-1])
+        bounds = np.flatnonzero(brk)
+        if len(bounds) == self.size + 1:
             return None
-        starts = np.concatenate(([0], starts + 1))
-        return np.diff(starts, append=self.size), np.minimum.reduceat(self.sa, starts)
+        starts = bounds[:-1]
+        return bounds[1:] - starts, np.minimum.reduceat(self.sa, starts)
 
     def most_frequent(self, n: int) -> tuple[int, int] | None:
         """(count, first position) of the most frequent n-gram, the first to occur among equally
