@@ -47,7 +47,7 @@ def test_agreement_with_whitespace_words(english):
 @pytest.mark.slow  # ~50 s: spaCy tokenizes the slice
 def test_agreement_with_datatrove_default_words(english):
     """datatrove's own English words (spaCy); measured on this slice: quality 0.947 (all 8
-    disagreements in the alpha-word rule: spaCy splits "1:1" verse numbers apart), repetition 0.993."""
+    disagreements in the alpha-word rule: spaCy makes punctuation separate, letterless words), repetition 0.993."""
     pytest.importorskip("spacy")
     a = agreement(english, Datatrove("spacy"))
     assert a["gopher_quality"]["same"]["rate"] >= 0.9
