@@ -165,7 +165,7 @@ class NGrams:
             np.not_equal(sorted_key[1:], sorted_key[:-1], out=new[1:])
             ranks = np.empty(count, dtype=np.int64)
             ranks[order] = np.cumsum(new) - 1
-            bound = int(ranks.max()) + 1
+            bound = int(ranks[order[-1]]) + 1
             distinct = bound == count
             levels[-1] = (levels[-1][0], m, levels[-1][2])
             length *= m
@@ -176,8 +176,15 @@ class NGrams:
         a, b = sa[1:], sa[:-1]
         lcp = np.zeros(max(0, size - 1), dtype=np.int64)
         for gram, fold, level in reversed(levels):  # greedy: the longest run of equal L-grams first
-            for _ in range(max(1, fold - 1)):
-                np.add(lcp, gram, out=lcp, where=level[a + lcp] == level[b + lcp])
+            same = level[a + lcp] == level[b + lcp]
+            np.add(lcp, gram, out=lcp, where=same)
+            pairs = np.flatnonzero(same)
+            for _ in range(fold - 2):  # up to fold - 1 more L-grams: only pairs still equal can go on
+                if not len(pairs):
+                    break
+                at = lcp[pairs]
+                pairs = pairs[level[a[pairs] + at] == level[b[pairs] + at]]
+                lcp[pairs] += gram
         self.lcp = lcp
 
     def _groups(self, n: int):
