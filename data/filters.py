@@ -130,9 +130,10 @@ class NGrams:
     occurrence; a character: its code point). Prefix doubling, generalised to m-fold steps
     (the ranks of (m*L)-grams are the ranks of m consecutive L-gram ranks packed into one int64,
     one `argsort` per step, stopping once all are distinct), sorts the positions by their first
-    L >= max_n units; the common prefix length of neighbours in that order (`lcp`, read off the
-    same ranks) then makes the equal n-grams, for any n, the runs with lcp >= n. No n-gram
-    strings or tuples are built and nothing is hashed, so the groups are exact."""
+    L >= n units (sorted further only when a longer n is asked for); the common prefix length of
+    neighbours in that order (`lcp`, read off the same ranks) then makes the equal n-grams, for
+    any n <= L, the runs with lcp >= n. No n-gram strings or tuples are built and nothing is
+    hashed, so the groups are exact."""
 
     def __init__(self, units: Sequence[str], max_n: int):
         if isinstance(units, str):
@@ -144,15 +145,25 @@ class NGrams:
             self.widths = np.fromiter(map(len, units), np.int64, len(units))
             self.ends = np.concatenate(([0], np.cumsum(self.widths)))
             self.total_chars = int(self.ends[-1])
-        self.size = size = len(codes)
-        max_n = max(1, int(max_n))
-        pad = 4 * max_n + 4  # distinct symbols after the end: no n-gram reaching past it equals another
+        self.size = len(codes)
+        self.max_n = max(1, int(max_n))
+        pad = 4 * self.max_n + 4  # distinct symbols after the end: no n-gram reaching past it equals another
         ranks = np.concatenate((codes + pad, np.arange(pad, dtype=np.int64)))
-        bound = int(ranks.max()) + 1
-        levels = [(1, 1, ranks)]  # (gram length L, fold m that built the next level, ranks of L-grams)
-        length, order, distinct = 1, None, False
-        while length < max_n and not distinct:  # all distinct: longer grams change nothing
-            m = min(max(2, 62 // bound.bit_length()), -(-max_n // length))
+        self._levels = [(1, 1, ranks)]  # (gram length L, fold m that built the next level, ranks of L-grams)
+        self._bound = int(ranks.max()) + 1
+        self._order = None
+        self._distinct = False  # all grams of the last level distinct: longer ones change nothing
+        self.lcp = None
+
+    def _extend(self, n: int) -> None:
+        """Sort by longer prefixes (each step as long as one int64 key allows, up to max_n) until
+        they cover n units or are all distinct; then the neighbours' common prefix lengths."""
+        length, _, ranks = self._levels[-1]
+        if self.lcp is not None and (length >= n or self._distinct):
+            return
+        bound, order = self._bound, self._order
+        while length < n and not self._distinct:
+            m = min(max(2, 62 // bound.bit_length()), -(-max(n, self.max_n) // length))
             count = len(ranks) - (m - 1) * length
             key = ranks[:count].copy()
             for j in range(1, m):
@@ -166,16 +177,17 @@ class NGrams:
             ranks = np.empty(count, dtype=np.int64)
             ranks[order] = np.cumsum(new) - 1
             bound = int(ranks[order[-1]]) + 1
-            distinct = bound == count
-            levels[-1] = (levels[-1][0], m, levels[-1][2])
+            self._distinct = bound == count
+            self._levels[-1] = (self._levels[-1][0], m, self._levels[-1][2])
             length *= m
-            levels.append((length, 1, ranks))
+            self._levels.append((length, 1, ranks))
         if order is None:
             order = np.argsort(ranks)
-        self.sa = sa = order[order < size]  # positions sorted by their first L units
+        self._bound, self._order = bound, order
+        self.sa = sa = order[order < self.size]  # positions sorted by their first L units
         a, b = sa[1:], sa[:-1]
-        lcp = np.zeros(max(0, size - 1), dtype=np.int64)
-        for gram, fold, level in reversed(levels):  # greedy: the longest run of equal L-grams first
+        lcp = np.zeros(max(0, self.size - 1), dtype=np.int64)
+        for gram, fold, level in reversed(self._levels):  # greedy: the longest run of equal L-grams first
             same = level[a + lcp] == level[b + lcp]
             np.add(lcp, gram, out=lcp, where=same)
             pairs = np.flatnonzero(same)
@@ -190,8 +202,11 @@ class NGrams:
     def _groups(self, n: int):
         """(size of each group of equal n-grams, its first position) in suffix order, or None
         when no n-gram repeats."""
+        if n > self.max_n:
+            raise ValueError(f"NGrams built for n <= {self.max_n}, asked for {n}")
         if self.size < n:
             return None
+        self._extend(n)
         brk = np.empty(self.size + 1, dtype=bool)  # a group starts at 0, where lcp < n; ends at size
         brk[0] = brk[-1] = True
         np.less(self.lcp, n, out=brk[1:-1])

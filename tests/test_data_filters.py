@@ -19,6 +19,7 @@ from hibari.data.filters import (
     KATAKANA,
     LATIN,
     FilterStats,
+    NGrams,
     compile_wordlist,
     default_filters,
     detect_language,
@@ -181,9 +182,12 @@ def test_ngram_fractions_equal_brute_force_on_generated_text():
     rng = np.random.default_rng(0)
     for trial in range(120):
         units = generated_units(rng, ("words", "chars")[trial % 2], int(rng.integers(0, 90)))
+        grams = NGrams(units, 32)  # one index asked for every n in turn: sorted further on demand
         for n in range(1, 33):
             assert top_ngram_char_fraction(units, n) == brute_top(units, n), (units, n)
             assert duplicate_ngram_char_fraction(units, n) == brute_dup(units, n), (units, n)
+            assert grams.top_char_fraction(n) == brute_top(units, n) and grams.duplicate_char_fraction(n) == brute_dup(
+                units, n), (units, n)
 
 
 def test_ngram_fractions_equal_brute_force_on_real_text(corpus):
