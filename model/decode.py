@@ -108,7 +108,7 @@ sample = jax.jit(sample_logits, static_argnames=("top_k",))
 # init_cache's [L, b, slots, kv, hd] layout the whole cache was transposed per token.)
 # The layers are unrolled in the token loop over parameters sliced once before it
 # (`_layer_params`): slicing stacked [n_layers, ...] parameters inside the loop copied every
-# weight of the model per token on XLA:CPU (BENCHMARKS.md, "Against transformers").
+# weight of the model per token on XLA:CPU (measured with bench/peers_eval.py).
 _KV_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
