@@ -43,13 +43,16 @@ setup(
         # lm_eval: the reference harness for tests/test_lm_eval_parity.py (pinned: its
         # request conventions are what the test holds hibari to). peft: the LoRA adapters'
         # round trip (tests/test_lora.py loads hibari's PEFT export with peft itself).
-        # datatrove: the data filters' peer (bench/peers_data.py, tests/test_peers_data.py).
+        # datatrove (+ spacy, its word tokenizer): the data filters' peer (bench/peers_data.py,
+        # tests/test_peers_data.py).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4",
-                 "gguf>=0.10", "lm_eval[hf]==0.4.13", "peft>=0.13", "datatrove>=0.10,<0.11"],
+                 "gguf>=0.10", "lm_eval[hf]==0.4.13", "peft>=0.13", "datatrove>=0.10,<0.11",
+                 "spacy>=3.7,<4"],
         "gguf": ["gguf>=0.10"],  # llama.cpp GGUF import (model/gguf.py)
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
-        "bench": ["datasketch>=1.6", "lm_eval[hf]==0.4.13", "datatrove>=0.10,<0.11"],
+        "bench": ["datasketch>=1.6", "lm_eval[hf]==0.4.13", "datatrove>=0.10,<0.11",
+                  "spacy>=3.7,<4"],
     },
     entry_points={"console_scripts": ["hibari=hibari.cli:main"]},
 )
