@@ -29,6 +29,18 @@ rounds (hibari, transformers, hibari, ...); best and median seconds per system. 
 many threads as the process may use cores (XLA:CPU does the same). Prints one JSON line per
 row and a markdown table of the ratios (hibari throughput / transformers throughput; > 1 means
 hibari is faster); --out FILE appends the rows as JSONL.
+
+Measured 2026-12-01 (2 shared cores, fp32; SmolLM2-135M-Instruct Q4_1 GGUF; --requests 16
+--new-tokens 16 --rounds 2; contexts 24-96 tokens, batch 8; prompts 21-24 tokens):
+
+| work | before (59c6f7b), load 2.4-2.9 | after, load 1.8-1.9 | agreement |
+|---|---|---|---|
+| score_b8 | 62.8 vs 161.9 tokens/s: 0.39x | 204.5 vs 160.2: 1.28x | max abs diff 1.6e-4 nats |
+| gen_b1 | 9.1 vs 10.2 new tokens/s: 0.89x | 16.5 vs 10.5: 1.57x | tokens identical |
+| gen_b8 | 33.6 vs 28.3: 1.19x | 40.7 vs 31.4: 1.29x | tokens identical |
+
+transformers slows 2-5x when the cores are oversubscribed (load 6-8) while hibari slows
+less, so ratios measured under load overstate hibari; compare at low load.
 """
 from __future__ import annotations
 
