@@ -37,7 +37,8 @@ jax 0.10.2, torch 2.13.0+cpu, transformers 5.24.0, torch attention "sdpa", 2 thr
 torch's speed depends on the load far more than XLA's (its 2 OpenMP threads stall when the
 cores are oversubscribed): at a 1-minute load of 2.0, `--peers hibari,torch --torch-attn eager
 --rounds 3 --steps 3` gave hibari 1.534 s/step (1,335 tokens/s) vs torch 1.491 s (1,374):
-0.97x. So on a quiet machine hibari is at parity with eager torch, not ahead; the 2.2x above is
+0.97x; and `--no-packed --rounds 3 --steps 3` (load 1.9, sdpa) gave hibari 1.466 s/step
+(1,397 tokens/s), plain JAX 2.061 (994; 1.41x), torch 1.448 (1,414; 0.99x). So on a quiet machine hibari is at parity with eager torch, not ahead; the 2.2x above is
 contention. (PITFALLS.md's idle figures: plain JAX ~2,000 tokens/s, torch ~3,400.)
 
 Step-0 loss 9.038229 in all three (log 8000 = 8.987), 9.028103 after one update in all three.
