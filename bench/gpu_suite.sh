@@ -144,10 +144,9 @@ peers() {  # peers SIZE BATCH [TIMEOUT]
     --peers hibari,jax,torch_compile --rounds 3 --out "$JSONL"
 }
 
-# Segment kernels the lead has wired into model.attention (model/attention.py's KERNELS).
-WIRED=$("$PY" -c 'from hibari.model.attention import KERNELS
-from hibari.model.config import ATTENTIONS
-print(" ".join(k for k in KERNELS if k in ATTENTIONS and k != "cudnn"))' 2>/dev/null)
+# The GPU segment kernels as model.attention values (model/transformer.py SEGMENT_KERNELS;
+# "splash" is the TPU one).
+WIRED="cudnn_segments pallas_gpu"
 
 run_row kernels 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py
 step 350m "$B350" cudnn dots_no_batch

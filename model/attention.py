@@ -20,7 +20,6 @@ impl (see docs/attention.md):
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -114,8 +113,10 @@ def _splash_block(t_pad: int) -> int:
     return next(blk for blk in (512, 256, 128) if t_pad % blk == 0)
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(h: int, t_pad: int, interpret: bool):
+    """A fresh kernel per trace: a kernel cached across traces holds arrays of the trace that
+    made it (a leaked tracer when one trace is an apply and the next a grad inside the layer
+    scan: tests/test_attention_kernels.py)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -124,8 +125,7 @@ def _splash_kernel(h: int, t_pad: int, interpret: bool):
                           block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                           block_kv_dq=blk)
     mask = sm.MultiHeadMask([sm.CausalMask((t_pad, t_pad)) for _ in range(h)])
-    # Cached across traces: its mask-info arrays must be constants, not the first trace's tracers.
-    with jax.ensure_compile_time_eval():
+    with jax.ensure_compile_time_eval():  # its mask-info arrays as constants
         return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 

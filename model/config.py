@@ -13,7 +13,8 @@ from hibari.base.errors import UserError
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu", "relu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
-ATTENTIONS = ("xla", "dot_product", "cudnn")
+# the last three are segment-id kernels (model/attention.py): no dense mask for packed rows
+ATTENTIONS = ("xla", "dot_product", "cudnn", "cudnn_segments", "pallas_gpu", "splash")
 REMATS = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,7 +58,7 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys
     # Implementation choices (no effect on the function computed).
-    attention: str = "xla"  # xla | dot_product | cudnn (GPU flash attention)
+    attention: str = "xla"  # xla | dot_product | cudnn (GPU flash attention, dense mask) | cudnn_segments | pallas_gpu | splash (segment-id kernels: docs/attention.md)
     scan_layers: bool = True  # one nn.scan over layers (fast compiles)
     remat: str = "none"  # none | full | dots | dots_no_batch | save_attn_out
 

@@ -21,7 +21,12 @@ from flax.core import meta
 from jax.ad_checkpoint import checkpoint_name
 
 from hibari.base.segments import positions_from_segments
+from hibari.model.attention import segment_attention
 from hibari.model.config import ModelConfig
+
+# cfg.attention values served by a fused kernel from segment ids (model/attention.py): the
+# layers then get segment_ids[b, t] where the XLA paths get the dense mask[b, 1, t, t]
+SEGMENT_KERNELS = {"cudnn_segments": "cudnn", "pallas_gpu": "pallas_gpu", "splash": "splash"}
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -272,14 +277,20 @@ class Attention(nn.Module):
     def __call__(self, x, mask, positions, kv=None, index=None):
         """Self-attention; with a cache `kv` = (k[b, S, kv, hd], v[...]) the new keys and values
         are written at slots [index, index + t) and the queries attend over the whole cache.
+        `mask` is the dense mask[b, 1, tq, tk], or segment_ids[b, t] when cfg.attention is a
+        segment kernel (SEGMENT_KERNELS) and there is no cache.
         Returns (out[b, t, d], updated kv or None)."""
         q, k, v = self.project(x, positions)
         impl = self.cfg.attention
+        if impl in SEGMENT_KERNELS and kv is None:  # `mask` is segment_ids[b, t] (see hidden)
+            out = segment_attention(q, k, v, mask, impl=SEGMENT_KERNELS[impl])
+            return self.o(checkpoint_name(out, "attn_out")), None
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
-            impl = "xla" if impl == "cudnn" else impl  # cuDNN kernels take no arbitrary mask
+            # cuDNN and the segment kernels take no arbitrary mask: a cache attends by XLA
+            impl = "xla" if impl == "cudnn" or impl in SEGMENT_KERNELS else impl
         out = attend(q, k, v, mask, impl)
         out = checkpoint_name(out, "attn_out")
         return self.o(out), kv
@@ -380,7 +391,11 @@ class Transformer(nn.Module):
         if positions is None:
             positions = positions_from_segments(segment_ids, jnp)
         x = self.embed_tokens(tokens, positions)
-        x, _ = self.run_layers(x, attention_mask(segment_ids, segment_ids), positions)
+        if self.cfg.attention in SEGMENT_KERNELS:  # the kernels take the ids, no dense mask
+            mask = segment_ids.astype(jnp.int32)
+        else:
+            mask = attention_mask(segment_ids, segment_ids)
+        x, _ = self.run_layers(x, mask, positions)
         return self.final_norm(x)
 
     def decode(self, tokens, segment_ids, positions, cache, last_only: bool = False):
