@@ -12,7 +12,7 @@ requests); the second is timed end to end (tokenization, batching, forward, metr
 tokenizer) only the forward rate is measured, on seeded random requests whose context and
 continuation lengths are drawn from the ranges below. Tokens are the real (unpadded) input
 tokens of each row; `ll_pad_fraction` is the share of padding (row ends and empty rows) in
-the batches computed.
+the batches computed (`evaluation.loglikelihood.batch_plan`).
 
 Generation: `model.decode.generate` (greedy, KV cache) from seeded random prompts of
 `--prompt-len` tokens, no EOS, so every row makes exactly `--new-tokens` tokens; per batch size
@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from bench.report import emit  # noqa: E402
 from hibari.evaluation.lm import LanguageModel, load_lm  # noqa: E402
-from hibari.evaluation.loglikelihood import WIDTH_MULTIPLE, token_scores  # noqa: E402
+from hibari.evaluation.loglikelihood import batch_plan, token_scores  # noqa: E402
 from hibari.evaluation.runner import evaluate_task  # noqa: E402
 from hibari.evaluation.tasks import load_task  # noqa: E402
 from hibari.model import ModelConfig, count_params, init  # noqa: E402
@@ -77,14 +77,10 @@ def random_requests(vocab: int, n: int, seed: int = 0):
 
 
 def row_tokens(requests, max_len: int, batch_size: int = 1) -> tuple[int, int]:
-    """(input tokens, token slots computed) of the batches token_scores builds: rows padded
-    to a multiple of WIDTH_MULTIPLE, each width's last batch filled up with empty rows."""
+    """(input tokens, token slots computed) of the batches token_scores builds
+    (`evaluation.loglikelihood.batch_plan`)."""
     real = [min(len(c) + len(x), max_len + 1) - 1 for c, x in requests]
-    rows_by_width: dict[int, int] = {}
-    for n in real:
-        width = -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        rows_by_width[width] = rows_by_width.get(width, 0) + 1
-    slots = sum(w * -(-k // batch_size) * batch_size for w, k in rows_by_width.items())
+    slots = sum(rows * width for _, rows, width in batch_plan(real, batch_size))
     return sum(real), slots
 
 

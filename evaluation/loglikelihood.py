@@ -52,6 +52,19 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def batch_plan(lengths: Sequence[int], batch_size: int) -> list[tuple[list[int], int, int]]:
+    """How `token_scores` batches rows of these input lengths: (row indices, rows, width) per
+    batch. Rows sorted by length (longest first, stable), cut into batches of `batch_size`;
+    width = the longest row's length rounded up to a multiple of 16, rows = the batch's rows
+    rounded up to a power of two (at most batch_size)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    plan = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        plan.append((chunk, min(batch_size, _pow2(len(chunk))), _width(lengths[chunk[0]])))
+    return plan
+
+
 def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_size: int = 8,
                  max_len: int | None = None, pad_id: int = 0, *,
                  on_batch: Callable[[int], None] | None = None
@@ -73,12 +86,8 @@ def token_scores(cfg: ModelConfig, params, requests: Sequence[Request], batch_si
                              f"the model's max_len={max_len}; use rolling windows instead")
         seq = (list(context) + list(continuation))[-(max_len + 1):]
         rows.append((np.asarray(seq, np.int32), len(continuation)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # stable: longest first
     pending = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = _width(len(rows[chunk[0]][0]) - 1)
-        n_rows = min(batch_size, _pow2(len(chunk)))
+    for chunk, n_rows, width in batch_plan([len(seq) - 1 for seq, _ in rows], batch_size):
         k = min(width, max(MIN_SCORED, _pow2(max(rows[i][1] for i in chunk))))
         inputs = np.full((n_rows, width), pad_id, np.int32)
         segments = np.zeros((n_rows, width), np.int32)

@@ -141,3 +141,15 @@ def test_task_predictions_identical_for_batch_sizes_1_3_8(tok, model):
         assert [r["pred"] for r in runs[bs]["records"]] == [r["pred"] for r in runs[1]["records"]]
         np.testing.assert_allclose([r["loglikelihoods"] for r in runs[bs]["records"]],
                                    [r["loglikelihoods"] for r in runs[1]["records"]], atol=1e-5)
+
+
+def test_batch_plan_sorts_by_length_and_pads_little():
+    from hibari.evaluation.loglikelihood import batch_plan
+    lengths = [3, 40, 17, 17, 5, 33, 1]
+    plan = batch_plan(lengths, 4)
+    # longest first, ties in input order; every row once
+    assert [chunk for chunk, _, _ in plan] == [[1, 5, 2, 3], [4, 0, 6]]
+    # width: the longest row to a multiple of 16; rows: a power of two, at most batch_size
+    assert [(rows, width) for _, rows, width in plan] == [(4, 48), (4, 16)]
+    assert [(rows, width) for _, rows, width in batch_plan([9, 9, 9, 9, 9], 8)] == [(8, 16)]
+    assert [(rows, width) for _, rows, width in batch_plan([9], 8)] == [(1, 16)]
