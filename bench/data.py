@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 import zlib
-from importlib import metadata, util
+from importlib import util
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.report import emit  # noqa: E402
+from bench.report import cpu_model, emit, versions  # noqa: E402
 from hibari.data import CORPUS_DIR  # noqa: E402
 from hibari.data.clean import clean_docs  # noqa: E402
 from hibari.data.dedup import MinHasher, NearDedupConfig, dedup_files, near_duplicates  # noqa: E402
@@ -51,19 +49,9 @@ from hibari.data.tokenizer import train_tokenizer  # noqa: E402
 CORPUS = os.path.join(CORPUS_DIR, "*.jsonl.gz")
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def environment() -> dict:
-    versions = {"python": platform.python_version()}
-    for pkg in ("numpy", "sentencepiece", "grain"):
-        versions[pkg] = metadata.version(pkg)
-    return {"device": cpu_model(), "cpus": os.cpu_count(), "versions": versions}
+    return {"device": cpu_model(), "cpus": os.cpu_count(),
+            "versions": versions("numpy", "sentencepiece", "grain")}
 
 
 def text_bytes(docs) -> int:

@@ -35,9 +35,7 @@ the weight-gradient matmuls and the elementwise optimizer work over the trained 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from bench.report import emit  # noqa: E402
+from bench.report import cpu_model, emit, versions  # noqa: E402
 from bench.train_step import make_config  # noqa: E402
 from hibari.model import count_params, init  # noqa: E402
 from hibari.model.params_io import save_params  # noqa: E402
@@ -72,26 +70,6 @@ def nbytes(tree) -> int:
 
 def nsize(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size"))
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def variant_config(args, init_from: str, lora: dict | None):
@@ -237,7 +215,7 @@ def main(argv=None) -> dict:
     print(md, file=sys.stderr)
     result = {
         "bench": "lora", "device": jax.devices()[0].device_kind, "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "n_devices": 1, **versions(),
+        "cpu_count": os.cpu_count(), "n_devices": 1, **versions("jax", "jaxlib", "flax", "optax"),
         "size": args.size, "overrides": args.set, "params": total,
         "model": {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads",
                                                "d_ff", "vocab_size", "compute_dtype",

@@ -36,17 +36,14 @@ import importlib.util
 import inspect
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.data import cpu_model  # noqa: E402
-from bench.report import emit  # noqa: E402
+from bench.report import cpu_model, emit, versions  # noqa: E402
 from hibari.base.stats import rate  # noqa: E402
 from hibari.data import CORPUS_DIR  # noqa: E402
 from hibari.data.clean import clean_docs  # noqa: E402
@@ -243,13 +240,7 @@ def bytes_of(docs) -> int:
 
 
 def environment() -> dict:
-    versions = {"python": platform.python_version()}
-    for pkg in ("numpy", "datatrove", "spacy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"device": cpu_model(), "versions": versions}
+    return {"device": cpu_model(), "versions": versions("numpy", "datatrove", "spacy")}
 
 
 def load_baseline(path: str):

@@ -48,7 +48,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -58,10 +57,9 @@ from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.report import emit  # noqa: E402
+from bench.report import device_name, emit, versions  # noqa: E402
 from hibari.evaluation.loglikelihood import token_scores  # noqa: E402
 from hibari.model.decode import generate  # noqa: E402
 
@@ -263,21 +261,6 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     return times
 
 
-def versions() -> dict:
-    import flax
-    import torch
-    import transformers
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
-            "flax": flax.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
-
-
-def device() -> str:
-    return (f"{jax.devices()[0].device_kind} ({platform.machine()}, "
-            f"{len(os.sched_getaffinity(0))} cores usable)")
-
-
 def markdown(rows: list[dict]) -> str:
     lines = ["| work | hibari units/s | transformers units/s | ratio (hibari/transformers) | "
              "agreement |", "|---|---|---|---|---|"]
@@ -318,7 +301,8 @@ def main(argv=None) -> list[dict]:
     pad_id = 0 if tok is None or tok.pad_id is None else tok.pad_id
     need = args.requests * (context[1] + CONTINUATION[1]) + 16 * args.prompt_len
     ids = corpus_ids(tok, cfg.vocab_size, need)
-    common = {"part": "eval", "model": source, "device": device(), "versions": versions(),
+    common = {"part": "eval", "model": source, "device": device_name(),
+              "versions": versions("jax", "jaxlib", "flax", "torch", "transformers", "numpy"),
               "threads": {"torch": torch.get_num_threads()}, "rounds": args.rounds}
     rows: list[dict] = []
 

@@ -53,10 +53,8 @@ residuals, the masked scores and the loss's [tokens, vocab] softmax.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -70,7 +68,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from bench.report import emit  # noqa: E402
+from bench.report import device_name, emit, versions  # noqa: E402
 from hibari.configs.pretrain.llama import SIZES, get_config  # noqa: E402
 from hibari.model import count_params  # noqa: E402
 from hibari.model.hf import export_hf  # noqa: E402
@@ -83,31 +81,6 @@ PEER_NAMES = {"hibari": "hibari", "jax": "plain JAX", "torch": "transformers+tor
               "torch_compile": "transformers+torch.compile"}
 OPTIM = dict(lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
 N_BATCHES = 4
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def device_name() -> str:
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        return dev.device_kind
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {len(os.sched_getaffinity(0))} cores"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +398,8 @@ def main(argv=None) -> list[dict]:
     work = (f"train step d{cfg.d_model} L{cfg.n_layers} H{cfg.n_heads}/{cfg.n_kv_heads} "
             f"ff{cfg.d_ff} V{cfg.vocab_size} {args.batch}x{args.seq} {args.dtype}")
     common = {"part": "train", "work": work, "rounds": args.rounds, "steps": args.steps,
-              "unit": "tokens/s", "device": device_name(), "versions": versions(),
+              "unit": "tokens/s", "device": device_name(),
+              "versions": versions("jax", "jaxlib", "flax", "optax", "torch", "transformers"),
               "params": count_params(cfg).total, "batch": args.batch, "seq": args.seq,
               "dtype": args.dtype, "attention": args.attention, "remat": args.remat}
     load = [round(x, 2) for x in os.getloadavg()]
