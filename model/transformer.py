@@ -282,16 +282,16 @@ class Attention(nn.Module):
         Returns (out[b, t, d], updated kv or None)."""
         q, k, v = self.project(x, positions)
         impl = self.cfg.attention
-        if impl in SEGMENT_KERNELS and kv is None:  # `mask` is segment_ids[b, t] (see hidden)
-            out = segment_attention(q, k, v, mask, impl=SEGMENT_KERNELS[impl])
-            return self.o(checkpoint_name(out, "attn_out")), None
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
             # cuDNN and the segment kernels take no arbitrary mask: a cache attends by XLA
             impl = "xla" if impl == "cudnn" or impl in SEGMENT_KERNELS else impl
-        out = attend(q, k, v, mask, impl)
+        if impl in SEGMENT_KERNELS:  # `mask` is segment_ids[b, t] (see hidden)
+            out = segment_attention(q, k, v, mask, impl=SEGMENT_KERNELS[impl])
+        else:
+            out = attend(q, k, v, mask, impl)
         out = checkpoint_name(out, "attn_out")
         return self.o(out), kv
 
