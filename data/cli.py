@@ -10,6 +10,7 @@
     hibari data pipeline  --input 'corpus/*.jsonl.gz' --out DIR [--vocab-size 8000] [--seq-len 1024]
     hibari data prepare   --config configs/data/quickstart.py:runs/data/quickstart [--resume-only]
     hibari data prepare   --config configs/data/quality.py:runs/data/quality[,CHECKPOINT]  # + model-based quality stage
+    hibari data prepare   --config configs/data/quickstart.py:runs/data/beam --runner beam [--beam-option=--runner=...]
 
 pipeline / prepare into an existing folder reuse each stage whose recorded fingerprint (inputs
 and settings) still matches and redo the others with everything after them; --resume-only fails
@@ -191,6 +192,10 @@ def prepare_config_from_args(a):
                if v is not None}
     if getattr(a, "resume_only", False):
         changes["resume_only"] = True
+    if getattr(a, "runner", None):
+        changes["runner"] = a.runner
+    if getattr(a, "beam_option", None):
+        changes["beam_options"] = tuple(cfg.beam_options) + tuple(a.beam_option)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -275,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="override the config's seq_len")
     p.add_argument("--character-coverage", type=float,
                    help="override the config's tokenizer_character_coverage")
+    p.add_argument("--runner", choices=("local", "beam"),
+                   help="where the stages run (default: the config's runner, else local): beam = Apache Beam "
+                        "transforms, the same outputs (pip install \"hibari[beam]\"; docs/beam.md)")
+    p.add_argument("--beam-option", action="append", metavar="FLAG",
+                   help="a Beam pipeline flag, repeatable, e.g. --beam-option=--runner=FlinkRunner "
+                        "(default: the DirectRunner, multi-process, the config's processes workers)")
     _reuse_args(p)
     p.set_defaults(fn=cmd_prepare)
     return parser

@@ -188,11 +188,29 @@ def band_keys(sigs: np.ndarray, band: int, rows: int) -> np.ndarray:
     return key
 
 
+MAX_PAIRS_PER_BUCKET = 64
+
+
+def bucket_edges(members: list, sigs: list[np.ndarray], min_similarity: float | None = None,
+                 max_pairs_per_bucket: int = MAX_PAIRS_PER_BUCKET) -> list[tuple]:
+    """The pairs (i, j) that join the members of one LSH bucket (given in input order, with their
+    signatures): each member to the first earlier one whose signature estimate reaches
+    `min_similarity` (any earlier one without it); in buckets larger than
+    `max_pairs_per_bucket` only the first member is tried. The local path and data.beam both
+    cluster by these edges, so they find the same components."""
+    edges = []
+    all_pairs = len(members) <= max_pairs_per_bucket
+    for k in range(1, len(members)):
+        for a in range(k if all_pairs else 1):
+            if min_similarity is None or estimate_jaccard(sigs[a], sigs[k]) >= min_similarity:
+                edges.append((members[a], members[k]))
+                break
+    return edges
+
+
 def cluster_signatures(sigs: np.ndarray, bands: int, rows: int, min_similarity: float | None = None,
-                       max_pairs_per_bucket: int = 64) -> UnionFind:
-    """Union-find over LSH band collisions. With `min_similarity`, a pair is joined only if its
-    signature estimate reaches it (buckets larger than `max_pairs_per_bucket` are checked
-    against their first member only)."""
+                       max_pairs_per_bucket: int = MAX_PAIRS_PER_BUCKET) -> UnionFind:
+    """Union-find over LSH band collisions joined by `bucket_edges`."""
     uf = UnionFind(len(sigs))
     for band in range(bands):
         keys = band_keys(sigs, band, rows)
@@ -203,14 +221,9 @@ def cluster_signatures(sigs: np.ndarray, bands: int, rows: int, min_similarity: 
         for s, e in zip(starts, ends):
             if e - s < 2:
                 continue
-            members = np.sort(order[s:e])
-            all_pairs = e - s <= max_pairs_per_bucket
-            for k, j in enumerate(members[1:], 1):
-                anchors = members[:k] if all_pairs else members[:1]
-                for i in anchors:
-                    if min_similarity is None or estimate_jaccard(sigs[i], sigs[j]) >= min_similarity:
-                        uf.union(int(i), int(j))
-                        break
+            members = np.sort(order[s:e]).tolist()
+            for i, j in bucket_edges(members, [sigs[m] for m in members], min_similarity, max_pairs_per_bucket):
+                uf.union(i, j)
     return uf
 
 

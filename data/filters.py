@@ -366,6 +366,11 @@ class FilterStats:
                             for r in sorted(self.dropped)}}
 
 
+def first_reason(doc: Doc, filters: list[Filter]) -> str | None:
+    """The reason of the first filter that rejects `doc` (filters may add to its meta), or None."""
+    return next((r for r in (f(doc) for f in filters) if r is not None), None)
+
+
 def filter_docs(docs: Iterable[Doc], filters: list[Filter], stats: FilterStats | None = None) -> Iterator[Doc]:
     """Stream the documents every filter keeps; the first rejecting filter's reason is counted."""
     stats = stats if stats is not None else FilterStats()
@@ -373,7 +378,7 @@ def filter_docs(docs: Iterable[Doc], filters: list[Filter], stats: FilterStats |
         stats.docs_in += 1
         stats.chars_in += len(doc["text"])
         doc = {**doc, "meta": dict(doc.get("meta", {}))}
-        reason = next((r for r in (f(doc) for f in filters) if r is not None), None)
+        reason = first_reason(doc, filters)
         if reason is None:
             stats.docs_out += 1
             stats.chars_out += len(doc["text"])

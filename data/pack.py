@@ -98,6 +98,74 @@ def pack_rows(docs: Iterable[np.ndarray], seq_len: int, method: str = "greedy", 
     raise ValueError(f"packing method must be 'greedy' or 'best_fit', not {method!r}")
 
 
+# ------------------------------------------------------------------ the same rows from a plan (data.beam)
+# A placement: one piece of a document in a row, (row, column, segment id, start in the document,
+# length). `pack_plan` finds them from the documents' lengths alone, so a distributed packer can
+# plan on one worker (a few integers per document) and move only the token pieces to the workers
+# that write each shard; `rows_from_placements` builds the rows. Together they give `pack_rows`'
+# rows exactly (tests/test_data_pack_loader.py checks both methods against it).
+Placement = tuple[int, int, int, int, int]
+
+
+def pack_plan(lengths: Iterable[int], seq_len: int, method: str = "greedy",
+              buffer_size: int = 1024) -> tuple[list[list[Placement]], int]:
+    """(placements of each document, number of rows) that `pack_rows` gives documents of these
+    lengths, in order."""
+    lengths = [int(n) for n in lengths]
+    plan: list[list[Placement]] = [[] for _ in lengths]
+    if method == "greedy":
+        row = fill = seg = 0
+        for d, n in enumerate(lengths):
+            start = 0
+            while start < n:
+                take = min(n - start, seq_len - fill)
+                seg += 1
+                plan[d].append((row, fill, seg, start, take))
+                fill, start = fill + take, start + take
+                if fill == seq_len:
+                    row, fill, seg = row + 1, 0, 0
+        return plan, row + (fill > 0)
+    if method != "best_fit":
+        raise ValueError(f"packing method must be 'greedy' or 'best_fit', not {method!r}")
+    rows = 0
+    buffer: list[tuple[int, int, int]] = []  # (document, start, length) of each chunk
+
+    def flush():
+        nonlocal rows
+        room: list[int] = []
+        count: list[int] = []
+        # first_fit_decreasing's order: longest first, ties in buffer order (a stable sort)
+        for d, start, n in sorted(buffer, key=lambda c: c[2], reverse=True):
+            b = next((b for b, free in enumerate(room) if n <= free), len(room))
+            if b == len(room):
+                room.append(seq_len)
+                count.append(0)
+            count[b] += 1
+            plan[d].append((rows + b, seq_len - room[b], count[b], start, n))
+            room[b] -= n
+        rows += len(room)
+
+    for d, n in enumerate(lengths):
+        buffer += [(d, i, min(seq_len, n - i)) for i in range(0, n, seq_len)]
+        if len(buffer) >= buffer_size:
+            flush()
+            buffer = []
+    flush()
+    return plan, rows
+
+
+def rows_from_placements(pieces: Iterable[tuple[int, int, int, np.ndarray]], n_rows: int, seq_len: int,
+                         pad_id: int = 0) -> np.ndarray:
+    """int32 `[n_rows, 2, seq_len]` (tokens, segment ids) from `(row, column, segment, tokens)`
+    pieces, rows numbered from 0; the rest is padding."""
+    out = np.zeros((n_rows, 2, seq_len), np.int32)
+    out[:, 0] = pad_id
+    for row, col, seg, tokens in pieces:
+        out[row, 0, col:col + len(tokens)] = tokens
+        out[row, 1, col:col + len(tokens)] = seg
+    return out
+
+
 # ------------------------------------------------------------------ tokenize + write shards
 def tokenize_docs(docs: Iterable[Doc], sp, batch: int = 256, counts: dict | None = None) -> Iterator[np.ndarray]:
     """`[bos] + ids + [eos]` per document, encoding `batch` documents per call."""
@@ -119,7 +187,12 @@ def tokenize_docs(docs: Iterable[Doc], sp, batch: int = 256, counts: dict | None
     yield from flush(texts)
 
 
-def _save_atomic(path: str, array: np.ndarray):
+def shard_name(source: str, index: int) -> str:
+    return f"{source}-{index:05d}.npy"
+
+
+def save_array(path: str, array: np.ndarray):
+    """np.save under a temporary name, then renamed: a reader never sees half a shard."""
     tmp = path + ".tmp.npy"
     np.save(tmp, array)
     os.replace(tmp, path)
@@ -130,8 +203,8 @@ def write_shards(rows: Iterable[Row], out_dir: str, source: str, rows_per_shard:
     shards, buf = [], []
 
     def flush():
-        name = f"{source}-{len(shards):05d}.npy"
-        _save_atomic(os.path.join(out_dir, name), np.stack([np.stack(r) for r in buf]).astype(np.int32))
+        name = shard_name(source, len(shards))
+        save_array(os.path.join(out_dir, name), np.stack([np.stack(r) for r in buf]).astype(np.int32))
         shards.append({"path": name, "rows": len(buf)})
 
     for row in rows:
@@ -201,6 +274,39 @@ def _drop(out_dir: str, names) -> None:
 STAGING = ".next"  # changed sources of an already packed directory are packed here first
 
 
+def new_manifest(tokenizer_path: str, sp, seq_len: int, method: str, split: str,
+                 fingerprint: dict | None) -> tuple[dict, dict]:
+    """(a manifest without sources, the key a source's `<name>.done.json` must match)."""
+    from hibari.data.tokenizer import file_sha256
+    manifest = {"version": 1, "seq_len": seq_len, "method": method, "split": split,
+                "tokenizer": {"path": os.path.abspath(tokenizer_path), "sha256": file_sha256(tokenizer_path),
+                              "vocab_size": sp.get_piece_size(), "pad_id": sp.pad_id(),
+                              "bos_id": sp.bos_id(), "eos_id": sp.eos_id()},
+                "fingerprint": fingerprint, "sources": {}}
+    key = {"seq_len": seq_len, "method": method, "split": split,
+           "tokenizer_sha256": manifest["tokenizer"]["sha256"], "fingerprint": fingerprint}
+    return manifest, key
+
+
+def source_entry(counts: dict, shards: list[dict], seq_len: int, key: dict) -> dict:
+    """A source's manifest entry (and `.done.json`): its docs / chars / tokens, rows, padding,
+    shards and the key."""
+    n_rows = sum(s["rows"] for s in shards)
+    return {"docs": counts["docs"], "chars": counts["chars"], "tokens": counts["tokens"], "rows": n_rows,
+            "padding": n_rows * seq_len - counts["tokens"],
+            "chars_per_token": round(counts["chars"] / max(1, counts["tokens"] - 2 * counts["docs"]), 4),
+            "shards": shards, **key}
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    """Every source's `<name>.done.json`, then `manifest.json` (last: it marks the directory
+    complete). For a directory whose shards were written elsewhere (data.beam); `pack_corpus`
+    writes its own as it goes."""
+    for name, entry in manifest["sources"].items():
+        _write_json(os.path.join(out_dir, f"{name}.done.json"), entry)
+    _write_json(os.path.join(out_dir, "manifest.json"), manifest, indent=1)
+
+
 def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir: str, seq_len: int,
                 method: str = "greedy", rows_per_shard: int = 4096, buffer_size: int = 1024,
                 split: str = "", fingerprint: dict | None = None, status: dict | None = None) -> dict:
@@ -218,17 +324,11 @@ def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir:
     `manifest.json.pending` (the old manifest is removed first, so a reader sees either a
     complete manifest or none; an interrupted swap completes on the next call). Shards that only
     the old manifest named are deleted after the new manifest is written."""
-    from hibari.data.tokenizer import file_sha256, load_tokenizer
+    from hibari.data.tokenizer import load_tokenizer
     sp = load_tokenizer(tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
     _finish_swap(out_dir)
-    manifest = {"version": 1, "seq_len": seq_len, "method": method, "split": split,
-                "tokenizer": {"path": os.path.abspath(tokenizer_path), "sha256": file_sha256(tokenizer_path),
-                              "vocab_size": sp.get_piece_size(), "pad_id": sp.pad_id(),
-                              "bos_id": sp.bos_id(), "eos_id": sp.eos_id()},
-                "fingerprint": fingerprint, "sources": {}}
-    key = {"seq_len": seq_len, "method": method, "split": split,
-           "tokenizer_sha256": manifest["tokenizer"]["sha256"], "fingerprint": fingerprint}
+    manifest, key = new_manifest(tokenizer_path, sp, seq_len, method, split, fingerprint)
     old = _read_json(os.path.join(out_dir, "manifest.json"))
     staging = os.path.join(out_dir, STAGING) if old is not None else None
     old_files = {s["path"] for e in (old or {}).get("sources", {}).values() for s in e.get("shards", [])}
@@ -255,10 +355,7 @@ def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir:
         token_docs = tokenize_docs(progress_bar(f"pack {name}", None, unit=" docs").track(docs), sp, counts=counts)
         rows = pack_rows(token_docs, seq_len, method, pad_id=max(sp.pad_id(), 0), buffer_size=buffer_size)
         shards = write_shards(rows, target, name, rows_per_shard)
-        n_rows = sum(s["rows"] for s in shards)
-        entry = {**counts, "rows": n_rows, "padding": n_rows * seq_len - counts["tokens"],
-                 "chars_per_token": round(counts["chars"] / max(1, counts["tokens"] - 2 * counts["docs"]), 4),
-                 "shards": shards, **key}
+        entry = source_entry(counts, shards, seq_len, key)
         _write_json(done, entry)
         manifest["sources"][name] = entry
         if staging:

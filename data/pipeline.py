@@ -64,6 +64,7 @@ from hibari.data.sources import BadInput, Doc, SourceStats, expand_paths, read_d
 # Raise a stage's version when its code changes what it writes: outputs of the old code are redone.
 STAGE_VERSIONS = {"filter": 1, "quality": 1, "dedup": 1, "tokenizer": 1, "pack": 1}
 FINGERPRINT_MODES = ("stat", "content")
+RUNNERS = ("local", "beam")
 
 
 @dataclass
@@ -80,6 +81,7 @@ class PrepareConfig:
     tokenizer_vocab_size: int | None = None  # train a tokenizer when set
     tokenizer_model_type: str = "unigram"
     tokenizer_character_coverage: float = 0.9995  # rarer characters become byte-fallback pieces
+    tokenizer_sample_docs: int = 200_000  # trained on at most this many documents (tokenizer_sample)
     seq_len: int | None = None           # pack when set
     pack_method: str = "greedy"
     source_field: str = "lang"           # meta field that names a document's source for packing
@@ -96,6 +98,10 @@ class PrepareConfig:
     perplexity_tokenizer: str | None = None             # its SentencePiece model (default: the run's tokenizer record)
     perplexity_keep: float = 0.8                         # share kept per language: lowest bits/byte first
     perplexity_max_tokens: int = 256                     # each document scored on its first tokens
+    # Where the stages run: "local" (worker processes on this machine, resumable stage by stage) or
+    # "beam" (Apache Beam transforms, data/beam.py: the same outputs; `pip install "hibari[beam]"`).
+    runner: str = "local"
+    beam_options: tuple[str, ...] = ()  # Beam pipeline flags, e.g. ("--runner=FlinkRunner", ...)
 
 
 class PrepareError(UserError, ValueError):
@@ -553,6 +559,7 @@ def _plan_rest(cfg: PrepareConfig, filters: list[Step], quality: Step | None = N
             "tokenizer", params={"tokenizer_vocab_size": cfg.tokenizer_vocab_size,
                                  "tokenizer_model_type": cfg.tokenizer_model_type,
                                  "tokenizer_character_coverage": cfg.tokenizer_character_coverage,
+                                 "tokenizer_sample_docs": cfg.tokenizer_sample_docs,
                                  "heldout_every": cfg.heldout_every},
             upstream={"corpus": corpus.fingerprint["digest"]}))
     if cfg.seq_len:
@@ -610,26 +617,26 @@ def sentencepiece_message(e: Exception) -> str:
 
 
 def _train_tokenizer(cfg: PrepareConfig, corpus: str, model: str, totals: dict):
+    from hibari.data.tokenizer import tokenizer_sample
+    sample = tokenizer_sample(split_docs(corpus, cfg.heldout_every, heldout=False), cfg.tokenizer_sample_docs)
+    return train_tokenizer_on(cfg, sample, corpus, model, totals)
+
+
+def train_tokenizer_on(cfg: PrepareConfig, sample: list[Doc], corpus: str, model: str, totals: dict):
+    """Train `model` on the tokenizer sample (`tokenizer_sample` of the training documents);
+    errors name the corpus and what the stages left of it."""
     from hibari.data.tokenizer import train_tokenizer
-    train = split_docs(corpus, cfg.heldout_every, heldout=False)
-    first = next(train, None)
-    if first is None:
+    if not sample:
         dropped = ", ".join(f"{r} {d['docs']}" for r, d in list(totals["dropped"].items())[:3])
         raise PrepareError(f"{corpus}: no training document to train the tokenizer on ({totals['read_docs']} "
                            f"read, {totals['filtered_docs']} kept by the filters{': ' + dropped if dropped else ''}; "
                            f"{totals['dedup_docs_out']} after dedup); check the inputs, languages and text_field")
     try:
-        return train_tokenizer(_chain(first, train), model, vocab_size=cfg.tokenizer_vocab_size,
-                               model_type=cfg.tokenizer_model_type,
+        return train_tokenizer(sample, model, vocab_size=cfg.tokenizer_vocab_size, model_type=cfg.tokenizer_model_type,
                                character_coverage=cfg.tokenizer_character_coverage)
     except RuntimeError as e:  # SentencePiece's own complaint, e.g. a vocabulary too large for the text
         raise PrepareError(f"tokenizer_vocab_size={cfg.tokenizer_vocab_size} on {corpus}: SentencePiece says "
                            f"\"{sentencepiece_message(e)}\"; change the vocabulary size or add text") from None
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def prepare(cfg: PrepareConfig, perplexity_scorer: PerplexityScoring | None = None) -> dict:
@@ -647,6 +654,18 @@ def prepare(cfg: PrepareConfig, perplexity_scorer: PerplexityScoring | None = No
         raise UsageError(f"PrepareConfig.input_fingerprint={cfg.input_fingerprint!r}: choose one of "
                          f"{FINGERPRINT_MODES}")
     check_quality_config(cfg)
+    if cfg.runner not in RUNNERS:
+        raise UsageError(f"PrepareConfig.runner={cfg.runner!r}: choose one of {RUNNERS}")
+    if cfg.tokenizer_sample_docs < 1:
+        raise UsageError(f"PrepareConfig.tokenizer_sample_docs={cfg.tokenizer_sample_docs}: must be >= 1")
+    if cfg.runner == "beam" and quality_enabled(cfg):
+        raise UsageError("PrepareConfig.runner='beam' with the quality stage (quality_classifier* / perplexity_*): "
+                         "the model-based filters run only with runner 'local'")
+    if cfg.runner == "beam" and cfg.resume_only:
+        raise UsageError("--resume-only with runner 'beam': a Beam run redoes every stage (use runner 'local')")
+    if cfg.beam_options and cfg.runner != "beam":
+        raise UsageError("PrepareConfig.beam_options is set but runner is 'local': set runner 'beam' "
+                         "(--runner beam) or drop the options")
     if cfg.perplexity_checkpoint and perplexity_scorer is None:
         raise UsageError("PrepareConfig.perplexity_checkpoint is set but no perplexity scorer was given: the "
                          "perplexity filter needs the `hibari data prepare` command (or, from Python, prepare(cfg, "
@@ -660,6 +679,9 @@ def prepare(cfg: PrepareConfig, perplexity_scorer: PerplexityScoring | None = No
         with open(cfg.wordlist, encoding="utf-8") as f:
             words = [w.strip() for w in f if w.strip() and not w.startswith("#")]
     with DirLock(cfg.out, what="output folder"):
+        if cfg.runner == "beam":
+            from hibari.data.beam import prepare_beam
+            return prepare_beam(cfg, paths, words)
         return _prepare_locked(cfg, paths, words, perplexity_scorer)
 
 
@@ -704,7 +726,7 @@ def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str],
         _write_sidecar(corpus.output + ".stage.json", {"fingerprint": corpus.fingerprint, "dedup": dedup,
                                                        "output": output_stat(corpus.output)})
     report = {"config": {**asdict(cfg), "dedup": cfg.dedup.describe()}, "shards": shard_stats, "dedup": dedup,
-              "totals": _totals(shard_stats, dedup)}
+              "totals": _totals(shard_stats, dedup), "corpus": os.path.basename(corpus.output)}
     if quality is not None:
         report["quality"] = quality_report
         report["totals"]["quality_docs"] = quality_report["docs_out"]
@@ -729,11 +751,16 @@ def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str],
 
     report["stages"] = {"filter": [{"input": p, **s.record(cfg.out)} for p, s in zip(paths, filters)],
                         **{k: s.record(cfg.out) for k, s in steps.items()}}
-    _write_sidecar(os.path.join(cfg.out, "report.json"), report)
-    with open(os.path.join(cfg.out, "summary.txt.tmp"), "w") as f:
-        f.write(summary(report))
-    os.replace(os.path.join(cfg.out, "summary.txt.tmp"), os.path.join(cfg.out, "summary.txt"))
+    write_report(cfg.out, report)
     return report
+
+
+def write_report(out: str, report: dict) -> None:
+    """`out/report.json` and `out/summary.txt`, each replaced atomically."""
+    _write_sidecar(os.path.join(out, "report.json"), report)
+    with open(os.path.join(out, "summary.txt.tmp"), "w") as f:
+        f.write(summary(report))
+    os.replace(os.path.join(out, "summary.txt.tmp"), os.path.join(out, "summary.txt"))
 
 
 def _totals(shard_stats: list[dict], dedup: dict) -> dict:

@@ -18,6 +18,7 @@ allowed. Checkpoints without a record (older runs, HF dirs, GGUF files) are not 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -49,12 +50,33 @@ def _sentences(docs: Iterable[Doc], max_sentence_chars: int) -> Iterator[str]:
                 line = line[max_sentence_chars:]
 
 
+def sample_key(doc_id: str) -> int:
+    """A document's place in the tokenizer's sample: a 64-bit blake2b hash of its id (not the
+    held-out split's crc32, so the two choices are independent)."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8, person=b"tok-sample").digest(), "big")
+
+
+def tokenizer_sample(docs: Iterable[Doc], max_docs: int) -> list[Doc]:
+    """The `max_docs` documents of smallest (`sample_key`, position), in their input order: a
+    bounded sample that does not depend on how the corpus is sharded or split among workers
+    (data.beam takes the same one with a distributed top-k); every document when there are fewer."""
+    heap: list = []  # (-key, -position, doc): the largest kept (key, position) on top
+    for i, doc in enumerate(docs):
+        item = (-sample_key(doc["id"]), -i, doc)
+        if len(heap) < max_docs:
+            heapq.heappush(heap, item)
+        elif item[:2] > heap[0][:2]:
+            heapq.heapreplace(heap, item)
+    return [doc for _, _, doc in sorted(heap, key=lambda t: -t[1])]
+
+
 def train_tokenizer(docs: Iterable[Doc], model_path: str, vocab_size: int = 8000, model_type: str = "unigram",
                     byte_fallback: bool = True, character_coverage: float = 0.9995,
                     special_tokens: Iterable[str] = CHAT_TOKENS + ("\n",), max_sentence_chars: int = 4192,
                     input_sentence_size: int = 2_000_000, num_threads: int = 2, seed_sentencepiece_size: int = 1_000_000,
-                    normalization_rule_name: str = "identity", **extra) -> spm.SentencePieceProcessor:
+                    normalization_rule_name: str = "identity", seed: int = 0, **extra) -> spm.SentencePieceProcessor:
     """Train in-process from the stream (no temporary text file) and write `model_path`.
+    `seed` seeds SentencePiece's sampling of `input_sentence_size` sentences from longer input.
 
     Normalisation is left to `data.clean` (identity rule, whitespace kept), so that
     `decode(encode(text)) == text`: line breaks and indentation survive (as byte pieces when
@@ -63,6 +85,7 @@ def train_tokenizer(docs: Iterable[Doc], model_path: str, vocab_size: int = 8000
         raise ValueError(f"model_type must be 'unigram' or 'bpe', not {model_type!r}")
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     buf = io.BytesIO()
+    spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(docs, max_sentence_chars), model_writer=buf,
         vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback,
@@ -373,25 +396,37 @@ def is_cjk(ch: str) -> bool:
     return 0x3040 <= o <= 0x30FF or 0x3400 <= o <= 0x4DBF or 0x4E00 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF
 
 
-def tokenizer_report(sp: spm.SentencePieceProcessor, texts: Iterable[str]) -> dict:
-    """On held-out text: share of CJK character occurrences the vocabulary covers (not byte
-    fallback), share of tokens that are byte pieces, characters per token, vocabulary size."""
-    vocab_chars = {ch for i in range(sp.get_piece_size())
-                   if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))
-                   for ch in sp.id_to_piece(i)}
-    chars = tokens = byte_tokens = cjk = cjk_covered = unk = 0
-    for text in texts:
-        ids = sp.encode(text)
-        chars += len(text)
-        tokens += len(ids)
-        byte_tokens += sum(sp.is_byte(i) for i in ids)
-        unk += sum(i == sp.unk_id() for i in ids)
-        for ch in text:
-            if is_cjk(ch):
-                cjk += 1
-                cjk_covered += ch in vocab_chars
+def vocab_characters(sp: spm.SentencePieceProcessor) -> set[str]:
+    """Characters of the vocabulary's text pieces (not byte, control or unknown pieces)."""
+    return {ch for i in range(sp.get_piece_size())
+            if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)) for ch in sp.id_to_piece(i)}
+
+
+REPORT_COUNTS = ("chars", "tokens", "byte_tokens", "unk", "cjk", "cjk_covered")
+
+
+def report_counts(sp: spm.SentencePieceProcessor, vocab_chars: set[str], text: str) -> tuple[int, ...]:
+    """One text's `REPORT_COUNTS`; `tokenizer_report` sums them (so can a distributed run)."""
+    ids = sp.encode(text)
+    cjk = [ch for ch in text if is_cjk(ch)]
+    return (len(text), len(ids), sum(sp.is_byte(i) for i in ids), sum(i == sp.unk_id() for i in ids),
+            len(cjk), sum(ch in vocab_chars for ch in cjk))
+
+
+def report_from_counts(sp: spm.SentencePieceProcessor, counts) -> dict:
+    chars, tokens, byte_tokens, unk, cjk, cjk_covered = counts
     return {"vocab_size": sp.get_piece_size(), "chars": chars, "tokens": tokens,
             "chars_per_token": round(chars / max(1, tokens), 4),
             "byte_fallback_share": round(byte_tokens / max(1, tokens), 4),
             "unk_share": round(unk / max(1, tokens), 4),
             "cjk_coverage": round(cjk_covered / max(1, cjk), 4)}
+
+
+def tokenizer_report(sp: spm.SentencePieceProcessor, texts: Iterable[str]) -> dict:
+    """On held-out text: share of CJK character occurrences the vocabulary covers (not byte
+    fallback), share of tokens that are byte pieces, characters per token, vocabulary size."""
+    vocab_chars = vocab_characters(sp)
+    totals = [0] * len(REPORT_COUNTS)
+    for text in texts:
+        totals = [a + b for a, b in zip(totals, report_counts(sp, vocab_chars, text))]
+    return report_from_counts(sp, totals)
