@@ -28,6 +28,8 @@ RUNTIME = [
     "pyarrow>=15",
 ]
 
+BEAM = ["apache-beam>=2.70,<3", "sentencepiece>=0.2.0,<0.2.3"]
+
 setup(
     name="hibari",
     version="0.1.0",
@@ -45,9 +47,13 @@ setup(
         # round trip (tests/test_lora.py loads hibari's PEFT export with peft itself).
         # datatrove (+ spacy, its word tokenizer): the data filters' peer (bench/peers_data.py,
         # tests/test_peers_data.py).
+        # apache-beam: `hibari data prepare --runner beam` (data/beam.py). Beam needs protobuf < 7, and
+        # sentencepiece 0.2.3's model-proto module was generated for the protobuf 7 runtime (it
+        # refuses an older one), so the Beam extras hold sentencepiece below 0.2.3.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4",
                  "gguf>=0.10", "lm_eval[hf]==0.4.13", "peft>=0.13", "datatrove>=0.10,<0.11",
-                 "spacy>=3.7,<4"],
+                 "spacy>=3.7,<4", *BEAM],
+        "beam": BEAM,
         "gguf": ["gguf>=0.10"],  # llama.cpp GGUF import (model/gguf.py)
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],

@@ -41,7 +41,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -95,6 +95,9 @@ def pipeline_options(cfg) -> list[str]:
 
 
 # ------------------------------------------------------------------ stage functions (run on workers)
+# DoFns with tagged outputs declare Any: Beam would infer their type from what the generator yields,
+# and a tagged output beside the main one then fails the next GroupByKey's construction-time check.
+@beam.typehints.with_output_types(Any)
 class ReadFile(beam.DoFn):
     """(shard, path) -> ((shard, record), doc); per-file SourceStats and a read error (a one-line
     message) go to the "read" / "error" outputs."""
@@ -117,6 +120,7 @@ class ReadFile(beam.DoFn):
         yield beam.pvalue.TaggedOutput("read", (shard, asdict(src)))
 
 
+@beam.typehints.with_output_types(Any)
 class CleanFilter(beam.DoFn):
     """Clean a document (dropped when nothing is left, as `clean_docs`), then the rule filters:
     the kept document, and a (shard, (record, id, reason, chars, lang)) decision for the stats."""
@@ -164,6 +168,7 @@ def filter_report(decisions: Iterable[tuple]) -> dict:
     return r
 
 
+@beam.typehints.with_output_types(Any)
 class Signatures(beam.DoFn):
     """A batch of (position, doc) -> ((band, key), position) for every band, and the signature
     (uint32 bytes) to the "sig" output."""
@@ -280,6 +285,7 @@ class WriteCorpusPart(beam.DoFn):
         yield shard, counts
 
 
+@beam.typehints.with_output_types(Any)
 class TrainTokenizer(beam.DoFn):
     """The tokenizer sample (one list) -> the model's bytes, trained on this worker; a failure
     (e.g. a vocabulary too large for the text) is an "error" output and empty bytes."""
@@ -303,6 +309,7 @@ class TrainTokenizer(beam.DoFn):
             yield f.read()
 
 
+@beam.typehints.with_output_types(Any)
 class Tokenize(beam.DoFn):
     """A batch of (position, (split, source, text)) -> (position, (split, source, token ids as
     int32 with BOS/EOS)); counts per (split, source) and the held-out tokenizer-report counts to
@@ -369,6 +376,25 @@ def _sum(rows):
 
 
 # ------------------------------------------------------------------ the pipeline
+class NearDuplicates(beam.PTransform):
+    """(position, doc) -> (position, root) for every document whose near-duplicate cluster keeps
+    an earlier one (its first position): `dedup.near_duplicates`' answer, distributed."""
+
+    def __init__(self, config: NearDedupConfig):
+        super().__init__()
+        self.config = config.resolved()
+
+    def expand(self, docs):
+        c = self.config
+        bands = (docs | "batch for minhash" >> beam.BatchElements(min_batch_size=32, max_batch_size=256)
+                 | "minhash" >> beam.ParDo(Signatures(c)).with_outputs("sig", main="bands"))
+        members = bands.bands | "band buckets" >> beam.GroupByKey() | "candidates" >> beam.FlatMap(bucket_members)
+        edges = ({"sig": bands.sig, "bucket": members} | "fetch signatures" >> beam.CoGroupByKey()
+                 | "to buckets" >> beam.FlatMap(with_signature) | "by bucket" >> beam.GroupByKey()
+                 | "verify" >> beam.FlatMap(verified_edges, c.threshold if c.verify else None))
+        return edges | "all edges" >> beam.combiners.ToList() | "union-find" >> beam.FlatMap(components)
+
+
 def build(p, cfg, paths: list[str], words: list[str], staging: str):
     """Add the stages to the Beam pipeline `p`; every result the driver needs is written as
     JSON lines under `staging/_results/`."""
@@ -391,15 +417,7 @@ def build(p, cfg, paths: list[str], words: list[str], staging: str):
            | "filter stats" >> beam.MapTuple(lambda shard, ds: (shard, filter_report(ds))), "filter")
     kept = filtered.kept
 
-    # near duplicates: signatures, band buckets, verified edges, components
-    bands = (kept | "batch for minhash" >> beam.BatchElements(min_batch_size=32, max_batch_size=256)
-             | "minhash" >> beam.ParDo(Signatures(dedup)).with_outputs("sig", main="bands"))
-    members = bands.bands | "band buckets" >> beam.GroupByKey() | "candidates" >> beam.FlatMap(bucket_members)
-    edges = ({"sig": bands.sig, "bucket": members} | "fetch signatures" >> beam.CoGroupByKey()
-             | "to buckets" >> beam.FlatMap(with_signature) | "by bucket" >> beam.GroupByKey()
-             | "verify" >> beam.FlatMap(verified_edges, dedup.threshold if dedup.verify else None))
-    near = (edges | "all edges" >> beam.combiners.ToList()
-            | "union-find" >> beam.FlatMap(components))
+    near = kept | "near duplicates" >> NearDuplicates(dedup)
     result(near | "roots" >> beam.Values() | "distinct roots" >> beam.Distinct()
            | "count roots" >> beam.combiners.Count.Globally(), "near_clusters")
     info = kept | "digest" >> beam.MapTuple(lambda pos, doc: (pos, (normalized_digest(doc["text"]).hex(), doc["id"])))
@@ -496,7 +514,7 @@ def _move_into_place(staging: str, out: str, name: str) -> None:
 def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
     """Run `cfg`'s stages as one Beam pipeline (module docstring); returns the report, which has
     the local run's entries plus "runner" (options, Beam counters, wall time)."""
-    from apache_beam.options.pipeline_options import PipelineOptions, TypeOptions
+    from apache_beam.options.pipeline_options import PipelineOptions
 
     from hibari.data.pipeline import (
         SPLITS,
@@ -515,11 +533,7 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
     os.makedirs(os.path.join(staging, "corpus"))
     flags = pipeline_options(cfg)
     start = time.time()
-    options = PipelineOptions(flags)
-    # Beam infers a DoFn's output type from what its generator yields, and a DoFn yielding tagged
-    # outputs beside its main one then fails the construction-time check of the next GroupByKey.
-    options.view_as(TypeOptions).pipeline_type_check = False
-    p = beam.Pipeline(options=options)
+    p = beam.Pipeline(options=PipelineOptions(flags))
     build(p, cfg, paths, words, staging)
     result = p.run()
     result.wait_until_finish()

@@ -805,6 +805,9 @@ def summary(report: dict) -> str:
                          f"chars/token {e['chars_per_token']}")
     if "stages" in report:
         lines.append("stages     " + stage_summary(report["stages"]))
+    if "runner" in report:
+        r = report["runner"]
+        lines.append(f"runner     {r['name']}  {r['wall_s']} s  ({' '.join(r['options'])})")
     return "\n".join(lines) + "\n"
 
 
