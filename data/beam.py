@@ -211,7 +211,11 @@ def with_signature(item):
 def verified_edges(item, min_similarity: float | None):
     _, members = item
     members = sorted(members)
-    return bucket_edges([p for p, _ in members], [np.frombuffer(s, np.uint32) for _, s in members], min_similarity)
+    edges = bucket_edges([p for p, _ in members], [np.frombuffer(s, np.uint32) for _, s in members], min_similarity)
+    Metrics.counter("hibari.dedup", "candidate_buckets").inc()
+    Metrics.counter("hibari.dedup", "candidate_members").inc(len(members))
+    Metrics.counter("hibari.dedup", "verified_edges").inc(len(edges))
+    return edges
 
 
 def components(edges: list[tuple]):
