@@ -89,6 +89,32 @@ def dedup_bytes(report_metrics: dict, docs: int, num_perm: int = 128) -> dict:
             "union_find_bytes_per_doc": round(edges * edge / max(1, docs), 1)}
 
 
+def single_worker_footprint(n: int = 200_000) -> dict:
+    """Python heap bytes (tracemalloc peak) of the two single-worker steps: the union-find over
+    `n` verified edges (positions as the pipeline has them: (file, record) tuples), and the
+    packing plan of `n` documents (their (position, length) list sorted, then `pack_plan`)."""
+    import random
+    import tracemalloc
+
+    from hibari.data.beam import components, plan_source
+    rng = random.Random(0)
+    pairs = [(rng.randrange(1000), rng.randrange(10**6), rng.randrange(1000), rng.randrange(10**6))
+             for _ in range(n)]
+    tracemalloc.start()
+    edges = [((a, b), (c, d)) for a, b, c, d in pairs]  # as they arrive from the shuffle: own tuples
+    roots = list(components(edges))
+    uf = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    members = [((a, b), rng.randrange(2, 2000)) for a, b, _, _ in pairs]
+    tracemalloc.start()
+    planned = sum(1 for _ in plan_source((("train", "en"), iter(members)), 512, "best_fit"))
+    plan = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert roots and planned == n
+    return {"union_find_bytes_per_edge": round(uf / n, 1),
+            "pack_plan_bytes_per_doc": round(plan / n, 1)}
+
+
 def sha_outputs(out: str) -> dict:
     files = sorted(glob.glob(os.path.join(out, "packed*", "*.npy"))) + [os.path.join(out, "tokenizer.model")]
     h = hashlib.sha256()
@@ -103,7 +129,11 @@ def main(argv=None):
     ap.add_argument("--runs", default="local:1,local:2,beam:1,beam:2", help="runner:workers,...")
     ap.add_argument("--out", help="append the JSON line to this JSONL file")
     ap.add_argument("--one", nargs=3, metavar=("RUNNER", "WORKERS", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--footprint", action="store_true", help="only the single-worker steps' memory")
     a = ap.parse_args(argv)
+    if a.footprint:
+        emit({"bench": "beam_footprint", **single_worker_footprint()}, a.out)
+        return
     if a.one:
         runner, workers, work = a.one
         print(json.dumps(one_run(runner, int(workers), os.path.join(work, "in", "*.jsonl.gz"),

@@ -1,41 +1,44 @@
 """`hibari data prepare --runner beam`: the pipeline's stages as Apache Beam transforms.
 
-The same stages, settings (`PrepareConfig`) and rules as the local run (data/pipeline.py), as one
-Beam pipeline that runs on the DirectRunner here and on Dataflow, Flink or Spark at scale
+The same stages, settings (`PrepareConfig`) and rules as the local run (data/pipeline.py), as two
+Beam pipelines that run on the DirectRunner here and on Dataflow, Flink or Spark at scale
 (docs/beam.md). On the same inputs and config the kept documents, the tokenizer file and the
 packed shards equal a `--runner local` run's byte for byte (tests/test_data_beam.py).
 
+First pipeline (`build_corpus`):
     files ─ read (one file per task; a document's position is (input shard, record))
           ─ reshuffle ─ clean + rule filters per document (a Beam counter per drop reason;
-            per-shard FilterStats by a combine)
+            per-shard FilterStats by a group)
           ─ MinHash signature + LSH band keys per document (batched)
           ─ group by band key; buckets of two or more fetch their members' signatures (a join by
             position) and verify candidate pairs with the local rule (`dedup.bucket_edges`)
           ─ connected components: union-find on ONE worker over the verified edges (only near
-            duplicates make edges, ~30 bytes each in memory there; the distributed side holds a
-            512-byte signature and one 30-byte key per band per document)
+            duplicates make edges, ~0.4 KB each there)
           ─ exact duplicates grouped by normalised-text digest: the first document (input order)
             that near dedup kept stays, as in `dedup.dedup_files`
-          ─ corpus/ (one part per input shard, input order) + the removed-id logs
+          ─ corpus/ (one part per input shard, in input order) + the removed-id logs
           ─ tokenizer: the bounded sample `tokenizer_sample` (a distributed top-k by
             `sample_key`), trained by SentencePiece on one worker
-          ─ tokenize (the model as a side input) ─ packing plan per (split, source) on one worker
-            from the lengths alone (`pack.pack_plan`: ~20 bytes per document) ─ token pieces
-            grouped by output shard ─ shards written by the workers (`pack.rows_from_placements`)
+Second pipeline (`build_pack`), once the tokenizer file exists (each worker loads it: no side
+input, which the bundle-based DirectRunner mishandles after a retried bundle):
+    corpus parts ─ read ─ tokenize ─ packing plan per (split, source) on one worker from the
+          lengths alone (`pack.plan_placements`; 16 bytes per document held) ─ token pieces
+          grouped by output shard ─ shards written by the workers (`pack.rows_from_placements`)
 
-Positions order everything that the local run does in input order: a document's position is
-(index of its input file, index of its record in that file), and tuples sort as the local run
-reads. Workers write under `OUT/.beam-staging/` through temporary names (a retried bundle
-rewrites the same bytes); the driver reads the small per-stage results the pipeline writes
-there, checks them, writes the manifests and report, and moves corpus/, tokenizer.model,
-packed/ and packed-heldout/ into place only when everything succeeded. A Beam run redoes every
-stage (no stage reuse; Beam retries failed bundles itself).
+Positions order everything that the local run does in input order: (index of the input file,
+index of the record in it), and tuples sort as the local run reads. Workers write under
+`OUT/.beam-staging/` through temporary names (a retried bundle rewrites the same bytes); the
+driver reads the small per-stage results the pipelines write there, checks them, writes the
+manifests and report, and moves corpus/, tokenizer.model, packed/ and packed-heldout/ into
+place only when everything succeeded. A Beam run redoes every stage (no stage reuse; the runner
+retries failed bundles itself).
 
-Inputs and OUT must be paths every worker can open (a shared filesystem: NFS, Filestore, GCS
-through gcsfuse); the quality stage (model-based filters) runs only locally.
+Inputs and OUT must be paths every worker can open (a shared filesystem: NFS, Filestore, a
+bucket through gcsfuse); the quality stage (model-based filters) runs only locally.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -65,7 +68,7 @@ from hibari.data.dedup import (
 from hibari.data.filters import default_filters, first_reason
 from hibari.data.pack import (
     new_manifest,
-    pack_plan,
+    plan_placements,
     rows_from_placements,
     save_array,
     shard_name,
@@ -102,9 +105,10 @@ class ReadFile(beam.DoFn):
     """(shard, path) -> ((shard, record), doc); per-file SourceStats and a read error (a one-line
     message) go to the "read" / "error" outputs."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, text_field: str | None = None, counters: str = "hibari.read"):
         super().__init__()
-        self.text_field, self.strict = cfg.text_field, cfg.strict
+        self.text_field, self.strict = text_field or cfg.text_field, cfg.strict
+        self.counters = counters
 
     def process(self, item):
         shard, path = item
@@ -115,8 +119,8 @@ class ReadFile(beam.DoFn):
                 yield (shard, j), doc
         except UserError as e:
             yield beam.pvalue.TaggedOutput("error", (shard, str(e)))
-        Metrics.counter("hibari.read", "docs").inc(src.docs)
-        Metrics.counter("hibari.read", "bad_records").inc(src.bad)
+        Metrics.counter(self.counters, "docs").inc(src.docs)
+        Metrics.counter(self.counters, "bad_records").inc(src.bad)
         yield beam.pvalue.TaggedOutput("read", (shard, asdict(src)))
 
 
@@ -291,8 +295,8 @@ class WriteCorpusPart(beam.DoFn):
 
 @beam.typehints.with_output_types(Any)
 class TrainTokenizer(beam.DoFn):
-    """The tokenizer sample (one list) -> the model's bytes, trained on this worker; a failure
-    (e.g. a vocabulary too large for the text) is an "error" output and empty bytes."""
+    """The tokenizer sample (one list) -> the model file, trained on this worker; a failure (e.g.
+    a vocabulary too large for the text) is an "error" output."""
 
     def __init__(self, cfg, model_path: str):
         super().__init__()
@@ -307,29 +311,26 @@ class TrainTokenizer(beam.DoFn):
             train_tokenizer_on(self.cfg, sample, "corpus/", self.model_path, {})
         except UserError as e:
             yield beam.pvalue.TaggedOutput("error", (-1, str(e)))
-            yield b""
             return
-        with open(self.model_path, "rb") as f:
-            yield f.read()
+        yield self.model_path
 
 
 @beam.typehints.with_output_types(Any)
 class Tokenize(beam.DoFn):
-    """A batch of (position, (split, source, text)) -> (position, (split, source, token ids as
-    int32 with BOS/EOS)); counts per (split, source) and the held-out tokenizer-report counts to
-    the "counts" / "heldout" outputs."""
+    """A batch of (position, (held out, source, text)) -> (position, (held out, source, token
+    ids as int32 with BOS/EOS)); counts per (held out, source) and the held-out tokenizer-report
+    counts to the "counts" / "heldout" outputs."""
 
-    def __init__(self):
+    def __init__(self, model_path: str):
         super().__init__()
-        self.sp = self.model = self.vocab_chars = None
+        self.model_path = model_path
 
-    def process(self, batch, model: bytes):
-        if not model:
-            return
-        if model != self.model:
-            import sentencepiece as spm
-            self.sp, self.model = spm.SentencePieceProcessor(model_proto=model), model
-            self.vocab_chars = vocab_characters(self.sp)
+    def setup(self):
+        from hibari.data.tokenizer import load_tokenizer
+        self.sp = load_tokenizer(self.model_path)
+        self.vocab_chars = vocab_characters(self.sp)
+
+    def process(self, batch):
         encoded = self.sp.encode([text for _, (_, _, text) in batch])
         for (pos, (heldout, source, text)), ids in zip(batch, encoded):
             tokens = with_bos_eos(ids, self.sp.bos_id(), self.sp.eos_id())
@@ -341,12 +342,14 @@ class Tokenize(beam.DoFn):
 
 def plan_source(item, seq_len: int, method: str):
     """((split, source), [(position, length)]) -> (position, placements) for every document, in
-    input order (`pack_plan`; global row numbers)."""
+    input order (`pack.plan_placements`; global row numbers). Holds 16 bytes per document (the
+    positions and lengths as one numpy record array) beside the streamed plan."""
     _, members = item
-    members = sorted(members)
-    plan, _ = pack_plan([n for _, n in members], seq_len, method, BEST_FIT_BUFFER)
-    for (pos, _), placements in zip(members, plan):
-        yield pos, placements
+    docs = np.fromiter(((pos[0], pos[1], n) for pos, n in members),
+                       dtype=[("file", np.int32), ("record", np.int64), ("length", np.int32)])
+    docs = docs[np.lexsort((docs["record"], docs["file"]))]
+    for d, placements in plan_placements(docs["length"], seq_len, method, BEST_FIT_BUFFER):
+        yield (int(docs["file"][d]), int(docs["record"][d])), placements
 
 
 def pieces(item):
@@ -399,17 +402,21 @@ class NearDuplicates(beam.PTransform):
         return edges | "all edges" >> beam.combiners.ToList() | "union-find" >> beam.FlatMap(components)
 
 
-def build(p, cfg, paths: list[str], words: list[str], staging: str):
-    """Add the stages to the Beam pipeline `p`; every result the driver needs is written as
-    JSON lines under `staging/_results/`."""
+def _result(pcoll, staging: str, name: str):
+    """Write a (small) per-stage result as JSON lines to `staging/_results/<name>.jsonl`."""
+    (pcoll | f"{name} as json" >> beam.Map(lambda x: json.dumps(x, ensure_ascii=False))
+     | f"{name} to results" >> beam.io.WriteToText(os.path.join(staging, RESULTS, name), file_name_suffix=".jsonl",
+                                               shard_name_template=""))
+
+
+def build_corpus(p, cfg, paths: list[str], words: list[str], staging: str):
+    """The first pipeline: read, clean, filter, near and exact dedup, the corpus parts, and the
+    tokenizer (sample and training) when `cfg` trains one."""
     from hibari.data.pipeline import is_heldout
     dedup = cfg.dedup.resolved()
-    results = os.path.join(staging, RESULTS)
 
     def result(pcoll, name):
-        (pcoll | f"{name} as json" >> beam.Map(lambda x: json.dumps(x, ensure_ascii=False))
-         | f"{name} to results" >> beam.io.WriteToText(os.path.join(results, name), file_name_suffix=".jsonl",
-                                                   shard_name_template=""))
+        _result(pcoll, staging, name)
 
     read = (p | "files" >> beam.Create(list(enumerate(paths))) | "spread files" >> beam.Reshuffle()
             | "read" >> beam.ParDo(ReadFile(cfg)).with_outputs("read", "error", main="docs"))
@@ -452,25 +459,39 @@ def build(p, cfg, paths: list[str], words: list[str], staging: str):
     if not cfg.tokenizer_vocab_size:
         return
 
-    # tokenizer: bounded sample on one worker
-    split = corpus | "split" >> beam.MapTuple(
-        lambda pos, doc: (pos, (is_heldout(doc["id"], cfg.heldout_every), doc["meta"].get(cfg.source_field, "all"),
-                                doc)))
-    sample = (split | "training docs" >> beam.Filter(lambda kv: not kv[1][0])
-              | "sample keys" >> beam.MapTuple(lambda pos, v: (sample_key(v[2]["id"]), pos, v[2]))
+    # tokenizer: the bounded sample, trained on one worker
+    sample = (corpus | "training docs" >> beam.Filter(lambda kv: not is_heldout(kv[1]["id"], cfg.heldout_every))
+              | "sample keys" >> beam.MapTuple(lambda pos, doc: (sample_key(doc["id"]), pos, doc))
               | "tokenizer sample" >> beam.combiners.Top.Smallest(cfg.tokenizer_sample_docs, key=lambda t: t[:2]))
     trained = sample | "train tokenizer" >> beam.ParDo(
         TrainTokenizer(cfg, os.path.join(staging, "tokenizer.model"))).with_outputs("error", main="model")
     result(trained.error, "tokenizer_errors")
-    model = beam.pvalue.AsSingleton(trained.model)
-    tokenized = (split | "texts" >> beam.MapTuple(lambda pos, v: (pos, (v[0], v[1], v[2]["text"])))
+
+
+def build_pack(p, cfg, parts: list[tuple[int, str]], staging: str):
+    """The second pipeline, once the corpus parts and the tokenizer exist: tokenize (the model
+    loaded by each worker from its file: no side input), the held-out tokenizer report, and with
+    `cfg.seq_len` the packing plan and the shards. A document's position is (input shard, record
+    in its corpus part), which orders as the first pipeline's positions."""
+    from hibari.data.pipeline import is_heldout
+
+    def result(pcoll, name):
+        _result(pcoll, staging, name)
+
+    docs = (p | "corpus parts" >> beam.Create(parts) | "spread parts" >> beam.Reshuffle()
+            | "read corpus" >> beam.ParDo(ReadFile(cfg, "text", "hibari.corpus")).with_outputs("read", "error", main="docs"))
+    result(docs.error, "corpus_errors")
+    tokenized = (docs.docs | "spread corpus" >> beam.Reshuffle()
+                 | "texts" >> beam.MapTuple(lambda pos, doc: (pos, (is_heldout(doc["id"], cfg.heldout_every),
+                                                                    doc["meta"].get(cfg.source_field, "all"),
+                                                                    doc["text"])))
                  | "batch for tokenizer" >> beam.BatchElements(min_batch_size=32, max_batch_size=256)
-                 | "tokenize" >> beam.ParDo(Tokenize(), model).with_outputs("counts", "heldout", main="tokens"))
+                 | "tokenize" >> beam.ParDo(Tokenize(os.path.join(staging, "tokenizer.model")))
+                 .with_outputs("counts", "heldout", main="tokens"))
     result(tokenized.counts | "sum counts" >> beam.CombinePerKey(_sum), "pack_counts")
     result(tokenized.heldout | "sum report" >> beam.CombineGlobally(_sum), "heldout_report")
     if not cfg.seq_len:
         return
-
     plan = (tokenized.tokens | "lengths" >> beam.MapTuple(lambda pos, t: ((t[0], t[1]), (pos, len(t[2]))))
             | "by source" >> beam.GroupByKey()
             | "plan rows" >> beam.FlatMap(plan_source, cfg.seq_len, cfg.pack_method))
@@ -501,6 +522,16 @@ def _metrics(result) -> dict:
     return dict(sorted(out.items()))
 
 
+def _run(flags: list[str], build, *args):
+    """Build one pipeline with `build(p, *args)`, run it to the end; its result (metrics)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    p = beam.Pipeline(options=PipelineOptions(flags))
+    build(p, *args)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
 def _move_into_place(staging: str, out: str, name: str) -> None:
     src, dst = os.path.join(staging, name), os.path.join(out, name)
     if not os.path.exists(src):
@@ -516,10 +547,8 @@ def _move_into_place(staging: str, out: str, name: str) -> None:
 
 
 def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
-    """Run `cfg`'s stages as one Beam pipeline (module docstring); returns the report, which has
+    """Run `cfg`'s stages as Beam pipelines (module docstring); returns the report, which has
     the local run's entries plus "runner" (options, Beam counters, wall time)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from hibari.data.pipeline import (
         SPLITS,
         PrepareError,
@@ -537,11 +566,7 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
     os.makedirs(os.path.join(staging, "corpus"))
     flags = pipeline_options(cfg)
     start = time.time()
-    p = beam.Pipeline(options=PipelineOptions(flags))
-    build(p, cfg, paths, words, staging)
-    result = p.run()
-    result.wait_until_finish()
-    wall = time.time() - start
+    first = _run(flags, build_corpus, cfg, paths, words, staging)
 
     errors = sorted(_results(staging, "errors"))
     if errors:
@@ -561,19 +586,25 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
     report = {"config": {**asdict(cfg), "dedup": cfg.dedup.describe()}, "shards": shard_stats, "dedup": dedup,
               "totals": _totals(shard_stats, dedup), "corpus": "corpus/*.jsonl.gz"}
 
-    moved = ["corpus"]
+    moved, results = ["corpus"], [first]
     if cfg.tokenizer_vocab_size:
         from hibari.data.tokenizer import load_tokenizer
         for _, message in _results(staging, "tokenizer_errors"):
             if not message:  # nothing to train on: the local run's message, with these totals
                 train_tokenizer_on(cfg, [], os.path.join(out, "corpus/"), "", report["totals"])
             raise PrepareError(message)
-        model = os.path.join(out, "tokenizer.model")
-        _move_into_place(staging, out, "tokenizer.model")
-        sp = load_tokenizer(model)
+        corpus_parts = sorted((int(os.path.basename(f)[:5]), f)
+                              for f in glob.glob(os.path.join(staging, "corpus", "*.jsonl.gz")))
+        results.append(_run(flags, build_pack, cfg, corpus_parts, staging))
+        errors = sorted(_results(staging, "corpus_errors"))
+        if errors:
+            raise PrepareError(errors[0][1])
+        staged_model, model = os.path.join(staging, "tokenizer.model"), os.path.join(out, "tokenizer.model")
+        sp = load_tokenizer(staged_model)
         held = _results(staging, "heldout_report")
         report["tokenizer"] = {"path": model, "heldout": report_from_counts(sp, held[0] if held and held[0] else
                                                                             [0] * 6)}
+        moved.insert(0, "tokenizer.model")
     if cfg.seq_len:
         steps = _plan_rest(cfg, _plan_filters(cfg, paths, words))
         counts = {(h, s): c for (h, s), c in _results(staging, "pack_counts")}
@@ -586,8 +617,9 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
             if not names:
                 continue
             split = f"crc32(id) % {cfg.heldout_every} {'==' if heldout else '!='} 0"
-            manifest, done_key = new_manifest(model, sp, cfg.seq_len, cfg.pack_method, split,
+            manifest, done_key = new_manifest(staged_model, sp, cfg.seq_len, cfg.pack_method, split,
                                               steps[key].fingerprint)
+            manifest["tokenizer"]["path"] = os.path.abspath(model)  # where it is moved below
             for name in names:
                 docs, chars, tokens = counts[(heldout, name)]
                 manifest["sources"][name] = source_entry(
@@ -600,7 +632,12 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
             moved.append(sub)
     for name in moved:
         _move_into_place(staging, out, name)
-    report["runner"] = {"name": "beam", "options": flags, "wall_s": round(wall, 1), "metrics": _metrics(result)}
+    metrics: dict = {}
+    for result in results:
+        for k, v in _metrics(result).items():
+            metrics[k] = metrics.get(k, 0) + v
+    report["runner"] = {"name": "beam", "options": flags, "pipelines": len(results),
+                        "wall_s": round(time.time() - start, 1), "metrics": dict(sorted(metrics.items()))}
     shutil.rmtree(staging, ignore_errors=True)
     write_report(out, report)
     return report

@@ -100,31 +100,32 @@ def pack_rows(docs: Iterable[np.ndarray], seq_len: int, method: str = "greedy", 
 
 # ------------------------------------------------------------------ the same rows from a plan (data.beam)
 # A placement: one piece of a document in a row, (row, column, segment id, start in the document,
-# length). `pack_plan` finds them from the documents' lengths alone, so a distributed packer can
-# plan on one worker (a few integers per document) and move only the token pieces to the workers
+# length). `plan_placements` finds them from the documents' lengths alone, so a distributed packer
+# can plan on one worker (a few integers per document) and move only the token pieces to the workers
 # that write each shard; `rows_from_placements` builds the rows. Together they give `pack_rows`'
 # rows exactly (tests/test_data_pack_loader.py checks both methods against it).
 Placement = tuple[int, int, int, int, int]
 
 
-def pack_plan(lengths: Iterable[int], seq_len: int, method: str = "greedy",
-              buffer_size: int = 1024) -> tuple[list[list[Placement]], int]:
-    """(placements of each document, number of rows) that `pack_rows` gives documents of these
-    lengths, in order."""
-    lengths = [int(n) for n in lengths]
-    plan: list[list[Placement]] = [[] for _ in lengths]
+def plan_placements(lengths: Iterable[int], seq_len: int, method: str = "greedy",
+                    buffer_size: int = 1024) -> Iterator[tuple[int, list[Placement]]]:
+    """(document index, its placements) for documents of these lengths in order, as `pack_rows`
+    lays them out; streamed (greedy: one document at a time; best_fit: a buffer at a time), so
+    the caller holds only the lengths."""
+    lengths = map(int, lengths)
     if method == "greedy":
         row = fill = seg = 0
         for d, n in enumerate(lengths):
-            start = 0
+            placements, start = [], 0
             while start < n:
                 take = min(n - start, seq_len - fill)
                 seg += 1
-                plan[d].append((row, fill, seg, start, take))
+                placements.append((row, fill, seg, start, take))
                 fill, start = fill + take, start + take
                 if fill == seq_len:
                     row, fill, seg = row + 1, 0, 0
-        return plan, row + (fill > 0)
+            yield d, placements
+        return
     if method != "best_fit":
         raise ValueError(f"packing method must be 'greedy' or 'best_fit', not {method!r}")
     rows = 0
@@ -134,6 +135,7 @@ def pack_plan(lengths: Iterable[int], seq_len: int, method: str = "greedy",
         nonlocal rows
         room: list[int] = []
         count: list[int] = []
+        placed: dict[int, list[Placement]] = {d: [] for d, _, _ in buffer}
         # first_fit_decreasing's order: longest first, ties in buffer order (a stable sort)
         for d, start, n in sorted(buffer, key=lambda c: c[2], reverse=True):
             b = next((b for b, free in enumerate(room) if n <= free), len(room))
@@ -141,17 +143,25 @@ def pack_plan(lengths: Iterable[int], seq_len: int, method: str = "greedy",
                 room.append(seq_len)
                 count.append(0)
             count[b] += 1
-            plan[d].append((rows + b, seq_len - room[b], count[b], start, n))
+            placed[d].append((rows + b, seq_len - room[b], count[b], start, n))
             room[b] -= n
         rows += len(room)
+        return placed.items()
 
     for d, n in enumerate(lengths):
         buffer += [(d, i, min(seq_len, n - i)) for i in range(0, n, seq_len)]
         if len(buffer) >= buffer_size:
-            flush()
+            yield from flush()
             buffer = []
-    flush()
-    return plan, rows
+    yield from flush()
+
+
+def pack_plan(lengths: Iterable[int], seq_len: int, method: str = "greedy",
+              buffer_size: int = 1024) -> tuple[list[list[Placement]], int]:
+    """(placements of each document, number of rows) that `pack_rows` gives documents of these
+    lengths, in order."""
+    plan = [placements for _, placements in plan_placements(lengths, seq_len, method, buffer_size)]
+    return plan, 1 + max((p[-1][0] for p in plan if p), default=-1)
 
 
 def rows_from_placements(pieces: Iterable[tuple[int, int, int, np.ndarray]], n_rows: int, seq_len: int,

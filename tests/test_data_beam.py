@@ -108,22 +108,24 @@ def test_beam_multiprocess_run_equals_the_local_run(local_run, tmp_path):
 @pytest.mark.slow
 def test_failed_bundles_are_retried_without_lost_or_duplicated_documents(local_run, tmp_path, monkeypatch):
     """The bundle-based DirectRunner retries a failed bundle (Dataflow does the same when a worker
-    dies): a filter that fails half-way through a bundle, a corpus part and a shard whose writer
-    fails after writing. Outputs of the failed attempts are dropped and the files rewritten."""
+    dies): the filters failing half-way through a bundle, the candidate verification failing, and
+    a corpus part's and a shard's writer failing after its file was written. Outputs of the failed
+    attempts are dropped and the files rewritten."""
     import hibari.data.beam as hb
-    calls = {"filter": 0, "corpus": 0, "shard": 0}
+    calls = {"filter": 0, "verify": 0, "corpus": 0, "shard": 0}
 
     def failing_once(name, fn, when):
         def wrapped(*args, **kwargs):
             calls[name] += 1
             if calls[name] == when:
-                if name != "filter":  # the output is written, then the worker "dies"
+                if name in ("corpus", "shard"):  # the file is written, then the worker "dies"
                     fn(*args, **kwargs)
                 raise RuntimeError(f"injected {name} failure")
             return fn(*args, **kwargs)
         return wrapped
 
     monkeypatch.setattr(hb, "first_reason", failing_once("filter", hb.first_reason, 700))
+    monkeypatch.setattr(hb, "bucket_edges", failing_once("verify", hb.bucket_edges, 5))
     monkeypatch.setattr(hb, "write_jsonl", failing_once("corpus", hb.write_jsonl, 1))
     monkeypatch.setattr(hb, "save_array", failing_once("shard", hb.save_array, 2))
     out = tmp_path / "retried"
