@@ -7,7 +7,7 @@ quickstart's settings (configs/data/quickstart.py: 8000-piece tokenizer, 512-tok
 
 Each run is a fresh process (one at a time); reported per run: wall time, documents read per
 second, the driver's peak RSS and the largest worker process's peak RSS (the local run's
-MinHash pool, Beam's SDK workers), and for Beam the dedup stage's footprint per document: the
+MinHash pool, Beam's SDK workers; sampled from /proc every 0.2 s), and for Beam the dedup stage's footprint per document: the
 bytes (Beam's own coder) each document sends into the MinHash/LSH shuffles (one key per band +
 the signature) and into the exact-dedup shuffles, and the verified edges the one union-find
 worker holds (bytes per document of the corpus). Kept documents, tokenizer and shards are
@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,40 @@ def replicate(copies: int, out_dir: str) -> list[str]:
     return paths
 
 
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (from /proc/*/stat parent ids)."""
+    parent = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parent[int(stat.split("/")[2])] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def watch_workers(stop: threading.Event, peaks: dict) -> None:
+    """Sample the resident memory (VmRSS) of every descendant process every 0.2 s: per-process
+    peaks (getrusage's children maximum would count the driver's memory a forked worker started
+    with)."""
+    me = os.getpid()
+    while not stop.is_set():
+        for pid in descendants(me):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            peaks[pid] = max(peaks.get(pid, 0), rss)
+        stop.wait(0.2)
+
+
 def one_run(runner: str, workers: int, inputs: str, out: str) -> dict:
     """In this (fresh) process: prepare with the quickstart settings; timings and peak RSS."""
     import dataclasses
@@ -60,14 +95,19 @@ def one_run(runner: str, workers: int, inputs: str, out: str) -> dict:
     from hibari.data.pipeline import prepare
     cfg = load_prepare_config(f"configs/data/quickstart.py:{out}")
     cfg = dataclasses.replace(cfg, inputs=[inputs], processes=workers, runner=runner)
+    stop, peaks = threading.Event(), {}
+    watcher = threading.Thread(target=watch_workers, args=(stop, peaks), daemon=True)
+    watcher.start()
     start = time.perf_counter()
     report = prepare(cfg)
     wall = time.perf_counter() - start
+    stop.set()
+    watcher.join()
     return {"wall_s": round(wall, 1), "read_docs": report["totals"]["read_docs"],
             "docs_per_s": round(report["totals"]["read_docs"] / wall, 1),
             "kept_docs": report["totals"]["dedup_docs_out"],
             "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "worker_peak_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+            "worker_peak_mb": round(max(peaks.values(), default=0) / 1024, 1), "worker_processes": len(peaks),
             "metrics": report.get("runner", {}).get("metrics", {})}
 
 

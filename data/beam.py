@@ -77,6 +77,7 @@ from hibari.data.pack import (
     write_manifest,
 )
 from hibari.data.sources import SourceStats, read_docs, write_jsonl
+from hibari.data.stages import SPLITS, PrepareError, is_heldout, totals, train_tokenizer_on
 from hibari.data.tokenizer import report_counts, report_from_counts, sample_key, vocab_characters
 
 STAGING = ".beam-staging"
@@ -303,7 +304,6 @@ class TrainTokenizer(beam.DoFn):
         self.cfg, self.model_path = cfg, model_path
 
     def process(self, sample):
-        from hibari.data.pipeline import train_tokenizer_on
         sample = [doc for _, _, doc in sorted(sample, key=lambda t: t[1])]  # input order
         try:
             if not sample:  # the driver words this with the run's totals
@@ -412,7 +412,6 @@ def _result(pcoll, staging: str, name: str):
 def build_corpus(p, cfg, paths: list[str], words: list[str], staging: str):
     """The first pipeline: read, clean, filter, near and exact dedup, the corpus parts, and the
     tokenizer (sample and training) when `cfg` trains one."""
-    from hibari.data.pipeline import is_heldout
     dedup = cfg.dedup.resolved()
 
     def result(pcoll, name):
@@ -473,7 +472,6 @@ def build_pack(p, cfg, parts: list[tuple[int, str]], staging: str):
     loaded by each worker from its file: no side input), the held-out tokenizer report, and with
     `cfg.seq_len` the packing plan and the shards. A document's position is (input shard, record
     in its corpus part), which orders as the first pipeline's positions."""
-    from hibari.data.pipeline import is_heldout
 
     def result(pcoll, name):
         _result(pcoll, staging, name)
@@ -546,18 +544,11 @@ def _move_into_place(staging: str, out: str, name: str) -> None:
         os.replace(src, dst)
 
 
-def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
-    """Run `cfg`'s stages as Beam pipelines (module docstring); returns the report, which has
-    the local run's entries plus "runner" (options, Beam counters, wall time)."""
-    from hibari.data.pipeline import (
-        SPLITS,
-        PrepareError,
-        _plan_filters,
-        _plan_rest,
-        _totals,
-        train_tokenizer_on,
-        write_report,
-    )
+def prepare_beam(cfg, paths: list[str], words: list[str], pack_fingerprints: dict) -> dict:
+    """Run `cfg`'s stages as Beam pipelines (module docstring) and move the outputs into place;
+    returns the report (`data.pipeline.prepare` writes it): the local run's entries plus "runner"
+    (options, Beam counters, wall time). `pack_fingerprints`: the packed directories' manifest
+    fingerprints, as the local run plans them."""
     if cfg.pack_method not in ("greedy", "best_fit"):
         raise UsageError(f"PrepareConfig.pack_method={cfg.pack_method!r}: choose 'greedy' or 'best_fit'")
     out = cfg.out
@@ -584,7 +575,7 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
              "near_clusters": clusters[0] if clusters else 0,
              "bytes_per_doc_signatures": 4 * cfg.dedup.num_perm, "config": cfg.dedup.describe()}
     report = {"config": {**asdict(cfg), "dedup": cfg.dedup.describe()}, "shards": shard_stats, "dedup": dedup,
-              "totals": _totals(shard_stats, dedup), "corpus": "corpus/*.jsonl.gz"}
+              "totals": totals(shard_stats, dedup), "corpus": "corpus/*.jsonl.gz"}
 
     moved, results = ["corpus"], [first]
     if cfg.tokenizer_vocab_size:
@@ -606,7 +597,6 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
                                                                             [0] * 6)}
         moved.insert(0, "tokenizer.model")
     if cfg.seq_len:
-        steps = _plan_rest(cfg, _plan_filters(cfg, paths, words))
         counts = {(h, s): c for (h, s), c in _results(staging, "pack_counts")}
         shards: dict = {}
         for (h, s), shard in _results(staging, "shards"):
@@ -618,7 +608,7 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
                 continue
             split = f"crc32(id) % {cfg.heldout_every} {'==' if heldout else '!='} 0"
             manifest, done_key = new_manifest(staged_model, sp, cfg.seq_len, cfg.pack_method, split,
-                                              steps[key].fingerprint)
+                                              pack_fingerprints[key])
             manifest["tokenizer"]["path"] = os.path.abspath(model)  # where it is moved below
             for name in names:
                 docs, chars, tokens = counts[(heldout, name)]
@@ -639,5 +629,4 @@ def prepare_beam(cfg, paths: list[str], words: list[str]) -> dict:
     report["runner"] = {"name": "beam", "options": flags, "pipelines": len(results),
                         "wall_s": round(time.time() - start, 1), "metrics": dict(sorted(metrics.items()))}
     shutil.rmtree(staging, ignore_errors=True)
-    write_report(out, report)
     return report

@@ -38,13 +38,11 @@ import datetime
 import hashlib
 import json
 import os
-import re
-import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from hibari.base.errors import UsageError, UserError
+from hibari.base.errors import UsageError
 from hibari.base.files import json_digest
 from hibari.base.progress import progress_bar
 from hibari.base.runlock import DirLock
@@ -60,6 +58,15 @@ from hibari.data.quality import (
     train_classifier,
 )
 from hibari.data.sources import BadInput, Doc, SourceStats, expand_paths, read_docs, write_jsonl
+from hibari.data.stages import (  # noqa: F401 (is_heldout, split_docs, sentencepiece_message: imported from here too)
+    SPLITS,
+    PrepareError,
+    is_heldout,
+    sentencepiece_message,
+    split_docs,
+    totals,
+    train_tokenizer_on,
+)
 
 # Raise a stage's version when its code changes what it writes: outputs of the old code are redone.
 STAGE_VERSIONS = {"filter": 1, "quality": 1, "dedup": 1, "tokenizer": 1, "pack": 1}
@@ -102,10 +109,6 @@ class PrepareConfig:
     # "beam" (Apache Beam transforms, data/beam.py: the same outputs; `pip install "hibari[beam]"`).
     runner: str = "local"
     beam_options: tuple[str, ...] = ()  # Beam pipeline flags, e.g. ("--runner=FlinkRunner", ...)
-
-
-class PrepareError(UserError, ValueError):
-    """Input or settings that `prepare` cannot use; the message names the file or field."""
 
 
 class StageChanged(PrepareError):
@@ -485,20 +488,8 @@ def _given_reason(doc: Doc) -> str | None:
     return doc["meta"].pop("_quality_reason", None)
 
 
-def is_heldout(doc_id: str, every: int = 20) -> bool:
-    return zlib.crc32(doc_id.encode()) % every == 0
-
-
-def split_docs(path: str, every: int, heldout: bool):
-    """The documents of `path` on one side of the held-out split."""
-    return (d for d in read_docs(path) if is_heldout(d["id"], every) == heldout)
-
-
 def _docs_of_source(path: str, source_field: str, name: str, every: int, heldout: bool):
     return (d for d in split_docs(path, every, heldout) if d["meta"].get(source_field, "all") == name)
-
-
-SPLITS = ((False, "pack", "packed"), (True, "pack_heldout", "packed-heldout"))  # (held out, report key, dir)
 
 
 def _pack_splits(cfg: PrepareConfig, corpus: str, steps: dict[str, Step]) -> dict:
@@ -608,35 +599,10 @@ def _plan(cfg: PrepareConfig, paths: list[str], words: list[str],
     return filters, steps
 
 
-def sentencepiece_message(e: Exception) -> str:
-    """SentencePiece's complaint without its source location, e.g. "Vocabulary size too high
-    (3000). Please set it to a value <= 277."."""
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    text = re.sub(r"^[A-Z_]+: \S+\(\d+\) ", "", text)  # "INTERNAL: src/trainer_interface.cc(744) "
-    return re.sub(r"^\[.*?\] (?=\S)", "", text)  # the failed check, when a message follows
-
-
 def _train_tokenizer(cfg: PrepareConfig, corpus: str, model: str, totals: dict):
     from hibari.data.tokenizer import tokenizer_sample
     sample = tokenizer_sample(split_docs(corpus, cfg.heldout_every, heldout=False), cfg.tokenizer_sample_docs)
     return train_tokenizer_on(cfg, sample, corpus, model, totals)
-
-
-def train_tokenizer_on(cfg: PrepareConfig, sample: list[Doc], corpus: str, model: str, totals: dict):
-    """Train `model` on the tokenizer sample (`tokenizer_sample` of the training documents);
-    errors name the corpus and what the stages left of it."""
-    from hibari.data.tokenizer import train_tokenizer
-    if not sample:
-        dropped = ", ".join(f"{r} {d['docs']}" for r, d in list(totals["dropped"].items())[:3])
-        raise PrepareError(f"{corpus}: no training document to train the tokenizer on ({totals['read_docs']} "
-                           f"read, {totals['filtered_docs']} kept by the filters{': ' + dropped if dropped else ''}; "
-                           f"{totals['dedup_docs_out']} after dedup); check the inputs, languages and text_field")
-    try:
-        return train_tokenizer(sample, model, vocab_size=cfg.tokenizer_vocab_size, model_type=cfg.tokenizer_model_type,
-                               character_coverage=cfg.tokenizer_character_coverage)
-    except RuntimeError as e:  # SentencePiece's own complaint, e.g. a vocabulary too large for the text
-        raise PrepareError(f"tokenizer_vocab_size={cfg.tokenizer_vocab_size} on {corpus}: SentencePiece says "
-                           f"\"{sentencepiece_message(e)}\"; change the vocabulary size or add text") from None
 
 
 def prepare(cfg: PrepareConfig, perplexity_scorer: PerplexityScoring | None = None) -> dict:
@@ -681,7 +647,10 @@ def prepare(cfg: PrepareConfig, perplexity_scorer: PerplexityScoring | None = No
     with DirLock(cfg.out, what="output folder"):
         if cfg.runner == "beam":
             from hibari.data.beam import prepare_beam
-            return prepare_beam(cfg, paths, words)
+            steps = _plan_rest(cfg, _plan_filters(cfg, paths, words))
+            report = prepare_beam(cfg, paths, words, {k: steps[k].fingerprint for _, k, _ in SPLITS if k in steps})
+            write_report(cfg.out, report)
+            return report
         return _prepare_locked(cfg, paths, words, perplexity_scorer)
 
 
@@ -726,7 +695,7 @@ def _prepare_locked(cfg: PrepareConfig, paths: list[str], words: list[str],
         _write_sidecar(corpus.output + ".stage.json", {"fingerprint": corpus.fingerprint, "dedup": dedup,
                                                        "output": output_stat(corpus.output)})
     report = {"config": {**asdict(cfg), "dedup": cfg.dedup.describe()}, "shards": shard_stats, "dedup": dedup,
-              "totals": _totals(shard_stats, dedup), "corpus": os.path.basename(corpus.output)}
+              "totals": totals(shard_stats, dedup), "corpus": os.path.basename(corpus.output)}
     if quality is not None:
         report["quality"] = quality_report
         report["totals"]["quality_docs"] = quality_report["docs_out"]
@@ -761,24 +730,6 @@ def write_report(out: str, report: dict) -> None:
     with open(os.path.join(out, "summary.txt.tmp"), "w") as f:
         f.write(summary(report))
     os.replace(os.path.join(out, "summary.txt.tmp"), os.path.join(out, "summary.txt"))
-
-
-def _totals(shard_stats: list[dict], dedup: dict) -> dict:
-    dropped: dict[str, dict] = {}
-    for s in shard_stats:
-        for reason, d in s["filter"]["dropped"].items():
-            agg = dropped.setdefault(reason, {"docs": 0, "chars": 0})
-            agg["docs"] += d["docs"]
-            agg["chars"] += d["chars"]
-    return {"read_docs": sum(s["read"]["docs"] for s in shard_stats),
-            "read_chars": sum(s["read"]["chars"] for s in shard_stats),
-            "bad_records": sum(s["read"]["bad"] for s in shard_stats),
-            "bad_examples": [e for s in shard_stats for e in s["read"]["bad_examples"]][:20],
-            "filtered_docs": sum(s["filter"]["docs_out"] for s in shard_stats),
-            "filtered_chars": sum(s["filter"]["chars_out"] for s in shard_stats),
-            "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]["docs"])),
-            "dedup_docs_out": dedup["docs_out"], "exact_removed": dedup["exact_removed"],
-            "near_removed": dedup["near_removed"], "near_clusters": dedup["near_clusters"]}
 
 
 def summary(report: dict) -> str:
