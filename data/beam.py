@@ -65,7 +65,7 @@ from hibari.data.dedup import (
     bucket_edges,
     normalized_digest,
 )
-from hibari.data.filters import default_filters, first_reason
+from hibari.data.filters import FilterStats, default_filters, first_reason
 from hibari.data.pack import (
     new_manifest,
     plan_placements,
@@ -133,11 +133,11 @@ class CleanFilter(beam.DoFn):
     def __init__(self, cfg, words: list[str]):
         super().__init__()
         self.html, self.languages, self.words = cfg.html, tuple(cfg.languages), list(words)
-        self.filters = None
+
+    def setup(self):
+        self.filters = default_filters(self.languages, self.words)
 
     def process(self, item):
-        if self.filters is None:
-            self.filters = default_filters(self.languages, self.words)
         (shard, j), doc = item
         text = clean_text(doc["text"], self.html)
         if not text:
@@ -152,25 +152,13 @@ class CleanFilter(beam.DoFn):
 
 
 def filter_report(decisions: Iterable[tuple]) -> dict:
-    """`FilterStats.report()` of one shard from its decisions (any order): examples are the first
-    five ids by record, languages in order of first kept record, as the local stream counts them."""
-    decisions = sorted(decisions)
-    r = {"docs_in": 0, "chars_in": 0, "docs_out": 0, "chars_out": 0, "languages_kept": {}, "dropped": {}}
-    for _, doc_id, reason, chars, lang in decisions:
-        r["docs_in"] += 1
-        r["chars_in"] += chars
-        if reason is None:
-            r["docs_out"] += 1
-            r["chars_out"] += chars
-            r["languages_kept"][lang] = r["languages_kept"].get(lang, 0) + 1
-        else:
-            d = r["dropped"].setdefault(reason, {"docs": 0, "chars": 0, "examples": []})
-            d["docs"] += 1
-            d["chars"] += chars
-            if len(d["examples"]) < 5:
-                d["examples"].append(doc_id)
-    r["dropped"] = dict(sorted(r["dropped"].items()))
-    return r
+    """`FilterStats.report()` of one shard from its decisions in any order, counted in record
+    order as the local stream counts them (examples: the first five ids; languages in order of
+    first kept document)."""
+    stats = FilterStats()
+    for _, doc_id, reason, chars, lang in sorted(decisions, key=lambda d: d[0]):
+        stats.count(doc_id, reason, chars, lang)
+    return stats.report()
 
 
 @beam.typehints.with_output_types(Any)
@@ -181,12 +169,13 @@ class Signatures(beam.DoFn):
     def __init__(self, config: NearDedupConfig):
         super().__init__()
         self.config = config
-        self.hasher = None
+
+    def setup(self):
+        c = self.config
+        self.hasher = MinHasher(c.num_perm, c.ngram, c.unit, c.seed)
 
     def process(self, batch):
         c = self.config
-        if self.hasher is None:
-            self.hasher = MinHasher(c.num_perm, c.ngram, c.unit, c.seed)
         sigs = np.stack([self.hasher.signature(doc["text"]) for _, doc in batch])
         for band in range(c.bands):
             keys = band_keys(sigs, band, c.rows)

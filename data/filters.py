@@ -358,6 +358,21 @@ class FilterStats:
     examples: dict = field(default_factory=dict)             # reason -> first few ids
     languages: Counter = field(default_factory=Counter)      # detected language of kept docs
 
+    def count(self, doc_id: str, reason: str | None, chars: int, lang: str) -> None:
+        """One document's decision: kept (`reason` None, in language `lang`) or dropped."""
+        self.docs_in += 1
+        self.chars_in += chars
+        if reason is None:
+            self.docs_out += 1
+            self.chars_out += chars
+            self.languages[lang] += 1
+            return
+        self.dropped[reason] += 1
+        self.dropped_chars[reason] += chars
+        ids = self.examples.setdefault(reason, [])
+        if len(ids) < 5:
+            ids.append(doc_id)
+
     def report(self) -> dict:
         return {"docs_in": self.docs_in, "chars_in": self.chars_in, "docs_out": self.docs_out,
                 "chars_out": self.chars_out, "languages_kept": dict(self.languages),
@@ -375,21 +390,11 @@ def filter_docs(docs: Iterable[Doc], filters: list[Filter], stats: FilterStats |
     """Stream the documents every filter keeps; the first rejecting filter's reason is counted."""
     stats = stats if stats is not None else FilterStats()
     for doc in docs:
-        stats.docs_in += 1
-        stats.chars_in += len(doc["text"])
         doc = {**doc, "meta": dict(doc.get("meta", {}))}
         reason = first_reason(doc, filters)
+        stats.count(doc["id"], reason, len(doc["text"]), doc["meta"].get("lang", "?"))
         if reason is None:
-            stats.docs_out += 1
-            stats.chars_out += len(doc["text"])
-            stats.languages[doc["meta"].get("lang", "?")] += 1
             yield doc
-        else:
-            stats.dropped[reason] += 1
-            stats.dropped_chars[reason] += len(doc["text"])
-            ids = stats.examples.setdefault(reason, [])
-            if len(ids) < 5:
-                ids.append(doc["id"])
 
 
 def default_filters(languages: Iterable[str] = ("en", "ja"), wordlist: Iterable[str] = ()) -> list[Filter]:

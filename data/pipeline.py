@@ -7,6 +7,9 @@ with the language model the caller passes as `prepare(cfg, perplexity_scorer=...
 with `corpus.jsonl.gz.removed.jsonl`), optionally `tokenizer.model`, `packed/` (training documents)
 and `packed-heldout/` (held-out documents), and `report.json` + `summary.txt`.
 
+`runner="beam"` (`hibari data prepare --runner beam`) runs the same stages as Apache Beam pipelines
+instead (data/beam.py: the same kept documents, tokenizer and packed shards, byte for byte).
+
 One document in `heldout_every` (by crc32 of its id, so the split is stable across runs and inputs)
 is held out: the tokenizer is trained without it, its report is measured on it, and it is packed
 only into `packed-heldout/`, never into the training rows.

@@ -2,10 +2,8 @@
 
 The XLA flag must be set before JAX is imported anywhere in the process.
 """
-import atexit
 import os
 import shutil
-import tempfile
 
 # Tiny test models are dominated by XLA:CPU compile time; LLVM optimisation level 0 compiles
 # ~4x faster (subprocesses started by tests inherit it).
@@ -14,15 +12,6 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The tests compile the same small programs many times over (each test builds its own step, and
-# CLI tests start new processes): JAX's persistent compilation cache, in a folder of this session
-# only, serves the repeats (tests/test_train.py: 170 s -> 95 s on 2 cores). Subprocesses inherit it
-# through the environment; a cache the caller set up is used as it is.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="hibari-tests-jax-cache-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 

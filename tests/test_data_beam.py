@@ -5,8 +5,9 @@
   byte-identical packed shards and manifests, with the same report numbers.
 - Its near-duplicate clusters equal the local union-find's on planted near-duplicates (edits,
   a bucket past the 64-member pair limit, a chain the verification does not close).
-- Bundles that fail mid-way (in the filters, after a corpus part and a shard were written) are
-  retried by the runner without a document duplicated or lost and with the same bytes.
+- Bundles that fail mid-way (in the filters and the verification, after a corpus part and a shard
+  were written) are retried by the runner without a document duplicated or lost and with the
+  same bytes (greedy packing there, best-fit in the first test).
 - The packing plan gives `pack_rows`' rows for both methods.
 """
 import glob
@@ -30,8 +31,8 @@ CORPUS = os.path.join(CORPUS_DIR, "*.jsonl.gz")
 
 
 def config(out, **kw) -> PrepareConfig:
-    return PrepareConfig(inputs=[CORPUS], out=str(out), processes=2, tokenizer_vocab_size=2000, seq_len=256,
-                         pack_method="best_fit", **kw)
+    return PrepareConfig(**{"inputs": [CORPUS], "out": str(out), "processes": 2, "tokenizer_vocab_size": 2000,
+                            "seq_len": 256, "pack_method": "best_fit", **kw})
 
 
 def sha(path) -> str:
@@ -57,7 +58,7 @@ def assert_same_outputs(local, other):
         removed = [json.loads(line) for line in f]
     beam_removed = [json.loads(line) for p in sorted(glob.glob(os.path.join(other, "corpus", "*.removed.jsonl")))
                     for line in open(p)]
-    assert beam_removed == removed and {r["reason"] for r in removed} == {"exact", "near"}
+    assert beam_removed == removed
     assert sha(os.path.join(other, "tokenizer.model")) == sha(os.path.join(local, "tokenizer.model"))
     for sub in ("packed", "packed-heldout"):
         names = sorted(os.listdir(os.path.join(local, sub)))
@@ -80,7 +81,6 @@ def assert_same_outputs(local, other):
     for key in ("shards", "dedup", "totals", "pack", "pack_heldout"):
         assert b[key] == a[key], key
     assert b["tokenizer"]["heldout"] == a["tokenizer"]["heldout"]
-    assert a["dedup"]["exact_removed"] > 0 and a["dedup"]["near_removed"] > 0
     return b
 
 
@@ -91,6 +91,7 @@ def test_beam_multiprocess_run_equals_the_local_run(local_run, tmp_path):
     assert main(["data", "prepare", "--config", f"configs/data/quickstart.py:{out}", "--runner", "beam",
                  "--vocab-size", "2000", "--seq-len", "256"]) == 0
     report = assert_same_outputs(local_run, out)
+    assert report["dedup"]["exact_removed"] > 0 and report["dedup"]["near_removed"] > 0
     runner = report["runner"]
     assert runner["name"] == "beam" and "--direct_running_mode=multi_processing" in runner["options"]
     assert "--direct_num_workers=2" in runner["options"]
@@ -106,12 +107,17 @@ def test_beam_multiprocess_run_equals_the_local_run(local_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_bundles_are_retried_without_lost_or_duplicated_documents(local_run, tmp_path, monkeypatch):
+def test_failed_bundles_are_retried_without_lost_or_duplicated_documents(tmp_path, monkeypatch):
     """The bundle-based DirectRunner retries a failed bundle (Dataflow does the same when a worker
     dies): the filters failing half-way through a bundle, the candidate verification failing, and
     a corpus part's and a shard's writer failing after its file was written. Outputs of the failed
-    attempts are dropped and the files rewritten."""
+    attempts are dropped and the files rewritten. (The English half of the corpus, greedy packing:
+    the other method, end to end, against its own local run.)"""
     import hibari.data.beam as hb
+    english = dict(inputs=[os.path.join(CORPUS_DIR, "en.jsonl.gz")], tokenizer_vocab_size=1000,
+                   pack_method="greedy")
+    local = tmp_path / "local"
+    prepare(config(local, **english))
     calls = {"filter": 0, "verify": 0, "corpus": 0, "shard": 0}
 
     def failing_once(name, fn, when):
@@ -124,14 +130,14 @@ def test_failed_bundles_are_retried_without_lost_or_duplicated_documents(local_r
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(hb, "first_reason", failing_once("filter", hb.first_reason, 700))
+    monkeypatch.setattr(hb, "first_reason", failing_once("filter", hb.first_reason, 300))
     monkeypatch.setattr(hb, "bucket_edges", failing_once("verify", hb.bucket_edges, 5))
     monkeypatch.setattr(hb, "write_jsonl", failing_once("corpus", hb.write_jsonl, 1))
     monkeypatch.setattr(hb, "save_array", failing_once("shard", hb.save_array, 2))
     out = tmp_path / "retried"
-    prepare(config(out, runner="beam", beam_options=("--runner=BundleBasedDirectRunner",)))
+    prepare(config(out, runner="beam", beam_options=("--runner=BundleBasedDirectRunner",), **english))
     assert all(n > 1 for n in calls.values()), calls  # every injected failure happened and was retried
-    assert_same_outputs(local_run, out)
+    assert_same_outputs(local, out)
 
 
 def planted_docs(seed=0):
