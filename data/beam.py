@@ -67,6 +67,8 @@ from hibari.data.dedup import (
 )
 from hibari.data.filters import FilterStats, default_filters, first_reason
 from hibari.data.pack import (
+    BEST_FIT_BUFFER,
+    ROWS_PER_SHARD,
     new_manifest,
     plan_placements,
     rows_from_placements,
@@ -82,8 +84,6 @@ from hibari.data.tokenizer import report_counts, report_from_counts, sample_key,
 
 STAGING = ".beam-staging"
 RESULTS = "_results"
-ROWS_PER_SHARD = 4096  # pack_corpus' default
-BEST_FIT_BUFFER = 1024
 
 
 

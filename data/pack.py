@@ -26,6 +26,8 @@ from hibari.base.segments import positions_from_segments  # noqa: F401 (the rows
 from hibari.data.sources import Doc
 
 Row = tuple[np.ndarray, np.ndarray]  # tokens[t], segment_ids[t]
+ROWS_PER_SHARD = 4096  # rows per .npy shard
+BEST_FIT_BUFFER = 1024  # chunks first-fit-decreasing sees at once
 
 
 def with_bos_eos(ids: Iterable[int], bos_id: int, eos_id: int) -> np.ndarray:
@@ -79,7 +81,7 @@ def first_fit_decreasing(chunks: list[np.ndarray], seq_len: int) -> list[list[np
     return bins
 
 
-def pack_best_fit(docs: Iterable[np.ndarray], seq_len: int, pad_id: int = 0, buffer_size: int = 1024) -> Iterator[Row]:
+def pack_best_fit(docs: Iterable[np.ndarray], seq_len: int, pad_id: int = 0, buffer_size: int = BEST_FIT_BUFFER) -> Iterator[Row]:
     buffer: list[np.ndarray] = []
     for doc in docs:
         buffer += [doc[i:i + seq_len] for i in range(0, len(doc), seq_len)]
@@ -90,7 +92,7 @@ def pack_best_fit(docs: Iterable[np.ndarray], seq_len: int, pad_id: int = 0, buf
 
 
 def pack_rows(docs: Iterable[np.ndarray], seq_len: int, method: str = "greedy", pad_id: int = 0,
-              buffer_size: int = 1024) -> Iterator[Row]:
+              buffer_size: int = BEST_FIT_BUFFER) -> Iterator[Row]:
     if method == "greedy":
         return pack_greedy(docs, seq_len, pad_id)
     if method == "best_fit":
@@ -103,12 +105,12 @@ def pack_rows(docs: Iterable[np.ndarray], seq_len: int, method: str = "greedy", 
 # length). `plan_placements` finds them from the documents' lengths alone, so a distributed packer
 # can plan on one worker (a few integers per document) and move only the token pieces to the workers
 # that write each shard; `rows_from_placements` builds the rows. Together they give `pack_rows`'
-# rows exactly (tests/test_data_pack_loader.py checks both methods against it).
+# rows exactly (tests/test_data_beam.py checks both methods against it).
 Placement = tuple[int, int, int, int, int]
 
 
 def plan_placements(lengths: Iterable[int], seq_len: int, method: str = "greedy",
-                    buffer_size: int = 1024) -> Iterator[tuple[int, list[Placement]]]:
+                    buffer_size: int = BEST_FIT_BUFFER) -> Iterator[tuple[int, list[Placement]]]:
     """(document index, its placements) for documents of these lengths in order, as `pack_rows`
     lays them out; streamed (greedy: one document at a time; best_fit: a buffer at a time), so
     the caller holds only the lengths."""
@@ -157,7 +159,7 @@ def plan_placements(lengths: Iterable[int], seq_len: int, method: str = "greedy"
 
 
 def pack_plan(lengths: Iterable[int], seq_len: int, method: str = "greedy",
-              buffer_size: int = 1024) -> tuple[list[list[Placement]], int]:
+              buffer_size: int = BEST_FIT_BUFFER) -> tuple[list[list[Placement]], int]:
     """(placements of each document, number of rows) that `pack_rows` gives documents of these
     lengths, in order."""
     plan = [placements for _, placements in plan_placements(lengths, seq_len, method, buffer_size)]
@@ -208,7 +210,7 @@ def save_array(path: str, array: np.ndarray):
     os.replace(tmp, path)
 
 
-def write_shards(rows: Iterable[Row], out_dir: str, source: str, rows_per_shard: int = 4096) -> list[dict]:
+def write_shards(rows: Iterable[Row], out_dir: str, source: str, rows_per_shard: int = ROWS_PER_SHARD) -> list[dict]:
     """`[rows, 2, seq_len]` int32 shards; returns `[{"path", "rows"}]` (paths relative to out_dir)."""
     shards, buf = [], []
 
@@ -318,7 +320,7 @@ def write_manifest(out_dir: str, manifest: dict) -> None:
 
 
 def pack_corpus(sources: dict[str, Iterable[Doc]], tokenizer_path: str, out_dir: str, seq_len: int,
-                method: str = "greedy", rows_per_shard: int = 4096, buffer_size: int = 1024,
+                method: str = "greedy", rows_per_shard: int = ROWS_PER_SHARD, buffer_size: int = BEST_FIT_BUFFER,
                 split: str = "", fingerprint: dict | None = None, status: dict | None = None) -> dict:
     """Pack every source into its own shards and write `out_dir/manifest.json`.
 
