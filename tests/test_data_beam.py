@@ -9,25 +9,35 @@
   were written) are retried by the runner without a document duplicated or lost and with the
   same bytes (greedy packing there, best-fit in the first test).
 - The packing plan gives `pack_rows`' rows for both methods.
+
+Every Beam run happens in a child process (tests/beam_cases.py: why), so Beam is never imported
+here.
 """
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
+from beam_cases import run_case
 
-beam = pytest.importorskip("apache_beam")
+from hibari.data import CORPUS_DIR
+from hibari.data.dedup import MinHasher, NearDedupConfig, near_duplicates
+from hibari.data.pack import pack_plan, pack_rows, rows_from_placements
+from hibari.data.pipeline import PrepareConfig, prepare
+from hibari.data.sources import read_docs
 
-from hibari.data import CORPUS_DIR  # noqa: E402
-from hibari.data.dedup import MinHasher, NearDedupConfig, near_duplicates  # noqa: E402
-from hibari.data.pack import pack_plan, pack_rows, rows_from_placements  # noqa: E402
-from hibari.data.pipeline import PrepareConfig, PrepareError, prepare  # noqa: E402
-from hibari.data.sources import read_docs  # noqa: E402
+if importlib.util.find_spec("apache_beam") is None:
+    pytest.skip('needs Apache Beam: pip install -e ".[test,beam]"', allow_module_level=True)
 
 CORPUS = os.path.join(CORPUS_DIR, "*.jsonl.gz")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(out, **kw) -> PrepareConfig:
@@ -86,10 +96,11 @@ def assert_same_outputs(local, other):
 
 @pytest.mark.slow
 def test_beam_multiprocess_run_equals_the_local_run(local_run, tmp_path):
-    from hibari.cli import main
     out = tmp_path / "beam"
-    assert main(["data", "prepare", "--config", f"configs/data/quickstart.py:{out}", "--runner", "beam",
-                 "--vocab-size", "2000", "--seq-len", "256"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "hibari", "data", "prepare", "--config",
+                           f"configs/data/quickstart.py:{out}", "--runner", "beam", "--vocab-size", "2000",
+                           "--seq-len", "256"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     report = assert_same_outputs(local_run, out)
     assert report["dedup"]["exact_removed"] > 0 and report["dedup"]["near_removed"] > 0
     runner = report["runner"]
@@ -107,36 +118,22 @@ def test_beam_multiprocess_run_equals_the_local_run(local_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_bundles_are_retried_without_lost_or_duplicated_documents(tmp_path, monkeypatch):
+def test_failed_bundles_are_retried_without_lost_or_duplicated_documents(tmp_path):
     """The bundle-based DirectRunner retries a failed bundle (Dataflow does the same when a worker
     dies): the filters failing half-way through a bundle, the candidate verification failing, and
     a corpus part's and a shard's writer failing after its file was written. Outputs of the failed
     attempts are dropped and the files rewritten. (The English half of the corpus, greedy packing:
     the other method, end to end, against its own local run.)"""
-    import hibari.data.beam as hb
     english = dict(inputs=[os.path.join(CORPUS_DIR, "en.jsonl.gz")], tokenizer_vocab_size=1000,
                    pack_method="greedy")
     local = tmp_path / "local"
     prepare(config(local, **english))
-    calls = {"filter": 0, "verify": 0, "corpus": 0, "shard": 0}
-
-    def failing_once(name, fn, when):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            if calls[name] == when:
-                if name in ("corpus", "shard"):  # the file is written, then the worker "dies"
-                    fn(*args, **kwargs)
-                raise RuntimeError(f"injected {name} failure")
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(hb, "first_reason", failing_once("filter", hb.first_reason, 300))
-    monkeypatch.setattr(hb, "bucket_edges", failing_once("verify", hb.bucket_edges, 5))
-    monkeypatch.setattr(hb, "write_jsonl", failing_once("corpus", hb.write_jsonl, 1))
-    monkeypatch.setattr(hb, "save_array", failing_once("shard", hb.save_array, 2))
     out = tmp_path / "retried"
-    prepare(config(out, runner="beam", beam_options=("--runner=BundleBasedDirectRunner",), **english))
-    assert all(n > 1 for n in calls.values()), calls  # every injected failure happened and was retried
+    fields = asdict(config(out, runner="beam", beam_options=("--runner=BundleBasedDirectRunner",), **english))
+    fields.pop("dedup")  # the default NearDedupConfig
+    fail_at = {"first_reason": 300, "bucket_edges": 2, "write_jsonl": 1, "save_array": 2}
+    calls = run_case("retried", {**fields, "fail_at": fail_at}, tmp_path)
+    assert all(calls[name] > n for name, n in fail_at.items()), calls  # every failure happened, and was retried
     assert_same_outputs(local, out)
 
 
@@ -170,19 +167,15 @@ def planted_docs(seed=0):
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_beam_near_duplicate_clusters_equal_the_local_union_find(verify):
-    from apache_beam.testing.util import assert_that, equal_to
-
-    from hibari.data.beam import NearDuplicates
+def test_beam_near_duplicate_clusters_equal_the_local_union_find(verify, tmp_path):
     texts = planted_docs()
-    cfg = NearDedupConfig(threshold=0.8, num_perm=64, ngram=5, verify=verify).resolved()
+    settings = dict(threshold=0.8, num_perm=64, ngram=5, verify=verify)
+    cfg = NearDedupConfig(**settings).resolved()
     hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.unit, cfg.seed)
     local = near_duplicates(np.stack([hasher.signature(t) for t in texts]), cfg)
     assert len(local) > 100 and len(set(local.values())) > 20
-    expected = [((0, i), (0, root)) for i, root in local.items()]
-    with beam.Pipeline() as p:
-        docs = p | beam.Create([((0, i), {"id": str(i), "text": t, "meta": {}}) for i, t in enumerate(texts)])
-        assert_that(docs | NearDuplicates(cfg), equal_to(expected))
+    pairs = run_case("near", {"texts": texts, **settings}, tmp_path)
+    assert pairs == sorted([i, root] for i, root in local.items())
 
 
 @pytest.mark.parametrize("method", ["greedy", "best_fit"])
@@ -205,10 +198,9 @@ def test_beam_names_a_bad_input_file_and_moves_nothing_into_place(tmp_path):
     good.write_text(json.dumps({"id": "g", "text": "A plain sentence about rivers. " * 30}) + "\n")
     bad.write_text("{not json\n{\"text\": 3}\n")
     out = tmp_path / "out"
-    cfg = PrepareConfig(inputs=[str(good), str(bad)], out=str(out), runner="beam",
-                        beam_options=("--runner=DirectRunner",))
-    with pytest.raises(PrepareError, match=r"b\.jsonl: no usable document \(all 2 records bad"):
-        prepare(cfg)
+    result = run_case("prepare", {"inputs": [str(good), str(bad)], "out": str(out), "runner": "beam",
+                                  "beam_options": ["--runner=DirectRunner"]}, tmp_path)
+    assert result["error"] and "b.jsonl: no usable document (all 2 records bad" in result["error"]
     assert not os.path.exists(out / "corpus") and not os.path.exists(out / "report.json")
 
 
