@@ -18,7 +18,21 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test file. Every live XLA:CPU executable holds
+    a few memory mappings (~6 for a small function, more for a train step), and one pytest
+    process compiling the whole suite's programs passed the kernel's limit of 65,530 mappings
+    per process (vm.max_map_count): a later compile's mmap failed and XLA crashed with a
+    segfault (tests/test_train.py, 93% into CI). Tests share no compiled program across files."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
