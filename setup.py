@@ -49,8 +49,7 @@ setup(
         # tests/test_peers_data.py).
         # apache-beam: `hibari data prepare --runner beam` (data/beam.py). Beam needs protobuf < 7, and
         # sentencepiece 0.2.3's model-proto module was generated for the protobuf 7 runtime (it
-        # refuses an older one), so the Beam extra holds sentencepiece below 0.2.3. The tests run
-        # Beam in child processes only (tests/beam_cases.py says why).
+        # refuses an older one), so the Beam extra holds sentencepiece below 0.2.3.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.4",
                  "gguf>=0.10", "lm_eval[hf]==0.4.13", "peft>=0.13", "datatrove>=0.10,<0.11",
                  "spacy>=3.7,<4", *BEAM],

@@ -1,9 +1,9 @@
 """The Beam runs of tests/test_data_beam.py, each in its own Python process.
 
 `python tests/beam_cases.py CASE ARGS.json RESULT.json` runs one case and writes its result as
-JSON. The tests start it with `run_case`, so Apache Beam (its runners' gRPC servers and thread
-pools) is never imported into the pytest process: with Beam loaded there, a later XLA compile in
-the same process crashed the suite twice in CI rehearsals (tests/test_train.py, at 93%).
+JSON. The tests start it with `run_case`, so Apache Beam is never imported into the pytest
+process: Beam's in-process runners leave their thread pools behind (a dozen idle executor threads
+for the rest of the suite), and a pipeline runs here as it does for a user, in its own process.
 
 Cases:
     retried  `prepare(config)` on the bundle-based DirectRunner with injected failures
