@@ -5,7 +5,7 @@ JSON. The tests start it with `run_case`, so Apache Beam is never imported into 
 process: Beam's in-process runners leave their thread pools behind (a dozen idle executor threads
 for the rest of the suite), and a pipeline runs here as it does for a user, in its own process.
 
-Cases:
+Cases (each `fn(args, work)`, `work` the folder the args and result files are in):
     retried  `prepare(config)` on the bundle-based DirectRunner with injected failures
              (args: the PrepareConfig fields and `fail_at`, {name: call number}); result: how
              often each wrapped function was called
@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.abspath(__file__)
 
 
 def run_case(case: str, args: dict, work, timeout: int = 900):
@@ -29,8 +29,8 @@ def run_case(case: str, args: dict, work, timeout: int = 900):
     arg_path, result_path = os.path.join(work, f"{case}-args.json"), os.path.join(work, f"{case}-result.json")
     with open(arg_path, "w") as f:
         json.dump(args, f)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, arg_path, result_path],
-                          cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, HERE, case, arg_path, result_path],
+                          cwd=os.path.dirname(os.path.dirname(HERE)), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"beam case {case!r} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     with open(result_path) as f:
         return json.load(f)
@@ -43,7 +43,7 @@ def _config(fields: dict):
     return PrepareConfig(**fields)
 
 
-def retried(args: dict):
+def retried(args: dict, work: str):
     """Wrap the filter decision, the candidate verification, the corpus-part writer and the shard
     writer so the call numbered `fail_at[name]` raises (the writers after writing their file: a
     worker dying after its output landed); the runner must retry those bundles."""
@@ -68,14 +68,14 @@ def retried(args: dict):
     return calls
 
 
-def near(args: dict):
+def near(args: dict, work: str):
     import apache_beam as beam
 
     from hibari.data.beam import NearDuplicates
     from hibari.data.dedup import NearDedupConfig
     texts = args.pop("texts")
     cfg = NearDedupConfig(**args).resolved()
-    out = os.path.join(os.path.dirname(sys.argv[3]), "near-pairs")
+    out = os.path.join(work, "near-pairs")
     with beam.Pipeline() as p:
         docs = p | beam.Create([((0, i), {"id": str(i), "text": t, "meta": {}}) for i, t in enumerate(texts)])
         (docs | NearDuplicates(cfg) | beam.MapTuple(lambda d, root: json.dumps([d[1], root[1]]))
@@ -84,7 +84,7 @@ def near(args: dict):
         return sorted(json.loads(line) for line in f)
 
 
-def prepare_case(args: dict):
+def prepare_case(args: dict, work: str):
     from hibari.data.pipeline import PrepareError, prepare
     try:
         prepare(_config(args))
@@ -95,9 +95,9 @@ def prepare_case(args: dict):
 
 CASES = {"retried": retried, "near": near, "prepare": prepare_case}
 
-if __name__ == "__main__":  # multiprocessing workers re-import this file: run only in the parent
+if __name__ == "__main__":
     case, arg_path, result_path = sys.argv[1:4]
     with open(arg_path) as f:
-        result = CASES[case](json.load(f))
+        result = CASES[case](json.load(f), os.path.dirname(os.path.abspath(result_path)))
     with open(result_path, "w") as f:
         json.dump(result, f)

@@ -2,6 +2,7 @@
 
 The XLA flag must be set before JAX is imported anywhere in the process.
 """
+import gc
 import os
 import shutil
 
@@ -18,18 +19,16 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-import gc  # noqa: E402
-
 import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop JAX's compiled programs after each test file. Every live XLA:CPU executable holds
-    a few memory mappings (~6 for a small function, more for a train step), and one pytest
-    process compiling the whole suite's programs passed the kernel's limit of 65,530 mappings
-    per process (vm.max_map_count): a later compile's mmap failed and XLA crashed with a
-    segfault (tests/test_train.py, 93% into CI). Tests share no compiled program across files."""
+    a few memory mappings (~6 for a small function, more for a train step): one pytest process
+    keeping the whole suite's programs heads past the kernel's 65,530 per process
+    (vm.max_map_count), and CI segfaulted in an XLA compile 93% in (tests/test_train.py) until
+    the caches were cleared here. Tests share no compiled program across files."""
     yield
     jax.clear_caches()
     gc.collect()
